@@ -1,0 +1,119 @@
+"""Atomic, verifiable per-round checkpoints.
+
+Layout: ``DIR/round_000012/{server,client0,...}.safetensors`` plus ``state.json`` (round, config hash, history,
+sha256 of every node file), and ``DIR/LATEST`` naming the newest complete round. A round directory is written
+under a temporary name, fsynced and renamed; LATEST is replaced atomically after that. A crash at any point leaves
+the previous checkpoint intact and LATEST pointing at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+NodeState = tuple[dict[str, torch.Tensor], dict]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or belongs to another configuration."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(ckpt_dir: Path, round_: int, nodes: dict[str, NodeState], run_state: dict, keep: int = 2) -> Path:
+    """Write the state of every node and the run for a completed round; keep the newest ``keep`` rounds."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"round_{round_:06d}"
+    tmp = ckpt_dir / f".tmp_round_{round_:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for name, (tensors, meta) in nodes.items():
+        path = tmp / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        files[name] = _sha256(path)
+    state = {"round": round_, "files": files, **run_state}
+    with (tmp / "state.json").open("w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # left by a crash between this rename and the LATEST update of an earlier attempt
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    _write_text_atomic(ckpt_dir / "LATEST", final.name + "\n")
+    rounds = sorted(p for p in ckpt_dir.glob("round_*") if p.is_dir())
+    for old in rounds[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory, or None when there is none."""
+    pointer = ckpt_dir / "LATEST"
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist: the checkpoint is corrupt")
+    return path
+
+
+def load_checkpoint(path: Path, expected_hash: str | None = None) -> tuple[dict[str, NodeState], dict]:
+    """Read and verify a checkpoint directory. Raises ``CheckpointError`` with the reason; writes nothing."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read state.json ({e})") from None
+    if expected_hash is not None and state.get("config_hash") != expected_hash:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different configuration (hash {state.get('config_hash')}, "
+            f"this config {expected_hash}); data, diffusion, split, model and seed settings must match to resume"
+        )
+    nodes = {}
+    for name, digest in files.items():
+        file = path / f"{name}.safetensors"
+        if not file.is_file() or _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {file.name} is missing or fails its sha256 check")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+            nodes[name] = (load_file(str(file)), meta)
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {file.name} ({e})") from None
+    return nodes, state

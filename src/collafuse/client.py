@@ -1,0 +1,153 @@
+"""The client role: keeps its images, trains the low-noise steps t = 1..cut, uploads one noised view per image,
+and finishes sampling from the server's hand-off x_cut.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import ClientData
+from .diffusion import DiffusionSchedule, denoise, split_timesteps
+from .learner import Learner
+from .models import LabelEncoder, node_model, predict_eps
+from .protocol import SERVER, Message, ProtocolError, client_node
+from .seeding import generator as make_generator
+from .transport import Transport
+
+
+class Client:
+    """Args:
+        index (`int`): the client's index; its node id is ``client{index}``.
+        data (`ClientData`): the client's private train/test images. They never leave this object.
+        cfg (`Config`): the run configuration (cut, client model, training and sampling settings, seeds).
+        device (`str`, *optional*): defaults to ``cfg.run.device``.
+    """
+
+    def __init__(self, index: int, data: ClientData, cfg: Config, device: str | None = None):
+        self.index = index
+        self.node_id = client_node(index)
+        self.cfg = cfg
+        self.cut = cfg.cut
+        self.data = data
+        self.device = torch.device(device or cfg.run.device)
+        self.schedule = DiffusionSchedule(cfg.diffusion)
+        self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, cfg.client_model.condition_on_class, False)
+        model = node_model(cfg.client_model, self.labels, cfg.seeds.init, self.node_id)
+        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, self.node_id), str(self.device))
+        self.sample_rng = make_generator(cfg.seeds.sample, self.node_id)
+        # The client's secret: the seed of its upload noise. Drawn once, never re-drawn (split-protocol.md).
+        self._upload_seed = (cfg.seeds.upload, self.node_id)
+        self._upload: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._train_x = data.train_x.to(self.device)
+        self._train_y = data.train_y.to(self.device)
+        self.show_progress = False
+
+    @property
+    def trains(self) -> bool:
+        """Whether the client owns any step (cut >= 1)."""
+        return self.cut >= 1
+
+    # -- training -----------------------------------------------------------------------------------------------------
+    def upload(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the secret seed.
+
+        Computed once and cached; recomputing from the same seed gives the same bytes, so a repeated upload
+        (e.g. after a server restart) tells the server nothing new.
+        """
+        if self._upload is None:
+            rng = make_generator(*self._upload_seed, "upload")
+            eps = torch.randn(self.data.train_x.shape, generator=rng)
+            u = self.schedule.noise(self.data.train_x, eps, self.cut)
+            self._upload = (u.contiguous(), self.data.train_y.clone())
+        return self._upload
+
+    def train_step(self) -> float:
+        """One DDPM step on the client's own images at t ~ U{1..cut} (Ho et al. 2020, Algorithm 1)."""
+        lr = self.learner
+        idx = lr.randint(0, len(self._train_x), self.cfg.train.batch_size)
+        x0, y = self._train_x[idx], self._train_y[idx]
+        t = lr.randint(1, self.cut + 1, len(idx))
+        eps = lr.randn(x0.shape)
+        x_t = self.schedule.noise(x0, eps, t)
+        ids = self.labels.drop(self.labels.encode(y), self.cfg.train.cond_drop_prob, lr.rng)
+        return lr.step(x_t, t - 1, ids, eps)
+
+    def train(self, steps: int) -> float:
+        """``steps`` local steps; returns their mean loss (NaN when the client owns no step)."""
+        if not self.trains or steps == 0:
+            return math.nan
+        return sum(self.train_step() for _ in range(steps)) / steps
+
+    def handle(self, msg: Message) -> Message | None:
+        """Answer the server's instructions. Only the upload (x_cut, y) and an aggregate loss ever leave."""
+        if msg.kind == "upload_request":
+            u, y = self.upload()
+            return Message("upload", self.node_id, SERVER, {"x_cut": u, "y": y}, {"round": msg.meta["round"]})
+        if msg.kind == "train_request":
+            loss = self.train(int(msg.meta["steps"]))
+            meta = {"round": msg.meta["round"], "steps": int(msg.meta["steps"])}
+            if not math.isnan(loss):
+                meta["loss"] = loss
+            return Message("train_reply", self.node_id, SERVER, meta=meta)
+        raise ProtocolError(f"{self.node_id} cannot handle message kind {msg.kind!r}")
+
+    # -- sampling -----------------------------------------------------------------------------------------------------
+    def sample_labels(self, n: int) -> torch.Tensor:
+        """n class labels following the client's own class mix (largest remainder), sorted for tidy grids."""
+        counts = torch.bincount(self.data.train_y, minlength=self.cfg.num_classes).double()
+        quota = counts / counts.sum() * n
+        alloc = quota.floor().long()
+        for c in torch.argsort(quota - alloc, descending=True)[: n - int(alloc.sum())]:
+            alloc[c] += 1
+        return torch.repeat_interleave(torch.arange(self.cfg.num_classes), alloc)
+
+    def finish(self, x_cut: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Client steps t = cut..1 from the hand-off x_cut to x0."""
+        sp = self.cfg.sample
+        sched = self.schedule.sampler(sp.sampler, self.cut, sp.ddim_steps)
+        _, steps = split_timesteps(sched.timesteps, self.cut)
+        model = self.learner.sampling_model(sp.use_ema)
+        ids = self.labels.encode(y.to(self.device))
+
+        def eps_fn(x, t):
+            return predict_eps(model, x, t, ids, self.labels.null_id, sp.guidance_scale)
+
+        bar = tqdm(total=len(steps), desc=f"{self.node_id} steps", leave=False, disable=not self.show_progress)
+        with bar:
+            return denoise(eps_fn, x_cut.to(self.device), steps, sched, generator or self.sample_rng, bar.update)
+
+    def sample(self, n: int, transport: Transport | None, generator: torch.Generator | None = None) -> dict:
+        """Generate n images: ask the server for x_cut (one request per batch), then finish locally.
+
+        With cut = T the server owns no step, so the client starts from x_T ~ N(0, I) itself and sends nothing.
+        Returns ``{"x0", "x_cut", "y"}`` on the CPU.
+        """
+        y_all = self.sample_labels(n)
+        sched = self.schedule.sampler(self.cfg.sample.sampler, self.cut, self.cfg.sample.ddim_steps)
+        server_steps, _ = split_timesteps(sched.timesteps, self.cut)
+        gen = generator or self.sample_rng
+        out = {"x0": [], "x_cut": [], "y": []}
+        for y in y_all.split(self.cfg.sample.batch_size):
+            if server_steps:
+                reply = transport.request(Message("sample_request", self.node_id, SERVER, {"y": y}))
+                x_cut = reply.arrays["x_cut"]
+            else:
+                x_cut = torch.randn((len(y), *self.cfg.image_shape), generator=gen)
+            x0 = self.finish(x_cut, y, gen)
+            for k, v in (("x0", x0), ("x_cut", x_cut), ("y", y)):
+                out[k].append(v.cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    # -- checkpoint state ----------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = self.learner.state()
+        tensors["sample_rng"] = self.sample_rng.get_state()
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.learner.load_state(tensors, meta)
+        self.sample_rng.set_state(tensors["sample_rng"])

@@ -1,0 +1,332 @@
+"""Typed run configuration: one source of truth, loaded from TOML, with ``--set key=value`` overrides.
+
+Every section is a dataclass; the field types drive validation, so a bad key or value fails with one line
+that names the key, the value and what is allowed (``ConfigError``; the CLI exits with code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid. The message is one line: key, value, what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "collafuse"
+    device: str = "cpu"  # any torch device string: "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch intra-op threads on the CPU; 0 keeps torch's default
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist installs here
+    num_clients: int = 3
+    partition: Literal["class_groups", "iid", "dirichlet"] = "class_groups"  # non-IID by class groups by default
+    class_groups: list[list[int]] = field(default_factory=list)  # empty: split the classes evenly over clients
+    dirichlet_alpha: float = 0.5  # smaller alpha, more skewed class mixes
+    max_train_per_client: int = 0  # 0 keeps every training image of the client
+    max_test_per_client: int = 0  # 0 keeps every held-out image of the client
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000  # T
+    schedule: Literal["cosine", "linear"] = "cosine"  # cosine = diffusers' squaredcos_cap_v2 (Nichol & Dhariwal 2021)
+    clip_sample: bool = True  # clamp the predicted x0 to [-1, 1] inside each sampler step
+
+
+@dataclass
+class SplitConfig:
+    # The cut point t_zeta: the client owns t = 1..cut, the server t = cut+1..T.
+    # cut = 0: one global server model (GM baseline); cut = T: independent client models (ICM baseline).
+    cut: int | None = None  # as a step, 0..T
+    cut_ratio: float | None = None  # or as the client's share of the chain, cut = round(cut_ratio * T)
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 28 -> 14 -> 7
+    layers_per_block: int = 1
+    mid_attention: bool = True  # self-attention in the UNet's middle block
+    norm_num_groups: int = 8
+    condition_on_class: bool = True  # embed the class label y
+    condition_on_client: bool = False  # also embed the client id (server only: "client-specific conditioning y_i")
+
+
+def _default_client_model() -> ModelConfig:
+    return ModelConfig(block_out_channels=[16, 32, 32], mid_attention=False)
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 20
+    client_steps: int = 10  # K: local steps of each client per round
+    server_steps: int = 10  # S: server steps per round, on uploads mixed from all clients
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam, as in the authors' code
+    ema_decay: float = 0.999  # with diffusers' EMA warm-up (1+n)/(10+n), so short runs are not stuck at init
+    grad_clip: float = 1.0  # max global grad norm
+    cond_drop_prob: float = 0.1  # label dropout, trains the null label for classifier-free guidance
+    checkpoint_every: int = 1  # rounds between checkpoints; an interrupted run loses at most this many
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"  # ddpm runs every one of the T steps
+    ddim_steps: int = 50  # approximate: the DDIM grid is anchored on the cut so the hand-off lands on x_cut
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = plain conditional model
+    n_per_client: int = 36  # images per client grid
+    batch_size: int = 128  # one sampling request per client per batch (coarse messages)
+    use_ema: bool = True
+
+
+@dataclass
+class SeedConfig:
+    data: int = 0  # data partition and subsampling
+    init: int = 1  # model initialisation
+    noise: int = 2  # training noise, timesteps and batches (one stream per node)
+    upload: int = 3  # base of each client's secret upload seed; in deployment every client sets its own
+    sample: int = 4  # sampling noise
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    server_model: ModelConfig = field(default_factory=ModelConfig)
+    client_model: ModelConfig = field(default_factory=_default_client_model)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+
+    @property
+    def cut(self) -> int:
+        """The resolved cut point as a step in 0..T (validated by ``validate``)."""
+        if self.split.cut is not None:
+            return self.split.cut
+        if self.split.cut_ratio is not None:
+            return round(self.split.cut_ratio * self.diffusion.timesteps)
+        return default_cut(self.diffusion.timesteps)
+
+    @property
+    def num_classes(self) -> int:
+        return DATASET_NUM_CLASSES[self.data.dataset]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return DATASET_IMAGE_SHAPE[self.data.dataset]
+
+    # Sections that decide what a checkpoint contains. Resuming with a change here would silently mix runs.
+    IDENTITY_SECTIONS = ("data", "diffusion", "split", "server_model", "client_model", "seeds")
+
+    def identity_hash(self) -> str:
+        ident = {name: dataclasses.asdict(getattr(self, name)) for name in self.IDENTITY_SECTIONS}
+        ident["split"] = {"cut": self.cut}
+        ident["seeds"].pop("sample")  # sampling noise may change between sampling runs of one trained model
+        for key in ("batch_size", "cond_drop_prob"):
+            ident[f"train.{key}"] = getattr(self.train, key)
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = {k: v for k, v in dataclasses.asdict(getattr(self, f.name)).items() if v is not None}
+            out[f.name] = section
+        out["split"] = {"cut": self.cut}  # resolved: a ratio is written as the step it resolved to
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+DATASET_NUM_CLASSES = {"fashion-mnist": 10}
+DATASET_IMAGE_SHAPE = {"fashion-mnist": (1, 28, 28)}  # (C, H, W)
+
+
+def default_cut(timesteps: int) -> int:
+    # Default cut: 20% of the chain on the client (t_zeta = 200 of 1000, the paper's best region, t_zeta <= 200).
+    return round(0.2 * timesteps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _check_type(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return isinstance(value, list) and all(_check_type(v, typing.get_args(tp)[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _coerce(value, tp):
+    """TOML writes 1 for 1.0: store ints given for float fields as floats."""
+    wants_float = tp is float or float in typing.get_args(tp)
+    if wants_float and int not in typing.get_args(tp) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _section_from_dict(cls, data: dict, section: str):
+    hints = typing.get_type_hints(cls)
+    obj = cls()
+    for key, value in data.items():
+        if key not in hints:
+            allowed = ", ".join(hints)
+            raise ConfigError(f"unknown key '{section}.{key}' (allowed keys in [{section}]: {allowed})")
+        if not _check_type(value, hints[key]):
+            raise ConfigError(f"{section}.{key} = {value!r} is invalid (expected {_type_name(hints[key])})")
+        setattr(obj, key, _coerce(value, hints[key]))
+    return obj
+
+
+def config_from_dict(data: dict) -> Config:
+    hints = typing.get_type_hints(Config)
+    cfg = Config()
+    for section, values in data.items():
+        if section not in hints:
+            raise ConfigError(f"unknown section [{section}] (allowed: {', '.join(hints)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] = {values!r} is invalid (expected a table of keys)")
+        setattr(cfg, section, _section_from_dict(hints[section], values, section))
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``"train.rounds=5"`` -> ``("train", "rounds", 5)``. Values are TOML; bare words are taken as strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid (expected section.key=value, e.g. train.rounds=5)")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {dotted!r} is invalid (expected section.key, e.g. train.rounds)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts[0], parts[1], value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist (pass a TOML file, e.g. configs/demo.toml)")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"[{section}] = {data[section]!r} is invalid (expected a table of keys)")
+        data[section][key] = value
+        if section == "split" and key in ("cut", "cut_ratio"):  # an override of one form replaces the other
+            data[section].pop("cut_ratio" if key == "cut" else "cut", None)
+    return config_from_dict(data)
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid (allowed: {allowed})")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    d, s, tr, sp, da = cfg.diffusion, cfg.split, cfg.train, cfg.sample, cfg.data
+    _require(d.timesteps >= 2, "diffusion.timesteps", d.timesteps, "an integer >= 2")
+    T = d.timesteps
+    if s.cut is not None and s.cut_ratio is not None:
+        raise ConfigError(f"split.cut = {s.cut!r} and split.cut_ratio = {s.cut_ratio!r} are both set (allowed: one)")
+    if s.cut is not None:
+        _require(0 <= s.cut <= T, "split.cut", s.cut, f"an integer step in [0, {T}] (diffusion.timesteps)")
+    if s.cut_ratio is not None:
+        _require(0.0 <= s.cut_ratio <= 1.0, "split.cut_ratio", s.cut_ratio, "a number in [0, 1]")
+
+    _require(da.num_clients >= 1, "data.num_clients", da.num_clients, "an integer >= 1")
+    n_classes = cfg.num_classes
+    if da.partition == "class_groups":
+        groups = da.class_groups or None
+        n_groups = len(groups) if groups else n_classes
+        _require(da.num_clients <= n_groups, "data.num_clients", da.num_clients,
+                 f"at most {n_groups} clients with partition = 'class_groups' ({n_groups} class groups)")
+        if groups:
+            flat = [c for g in groups for c in g]
+            _require(all(0 <= c < n_classes for c in flat) and all(groups), "data.class_groups", groups,
+                     f"non-empty lists of class ids in [0, {n_classes - 1}]")
+            _require(len(set(flat)) == len(flat), "data.class_groups", groups, "groups that do not share a class")
+    _require(da.dirichlet_alpha > 0, "data.dirichlet_alpha", da.dirichlet_alpha, "a number > 0")
+    _require(da.max_train_per_client >= 0, "data.max_train_per_client", da.max_train_per_client, "an integer >= 0")
+    _require(da.max_test_per_client >= 0, "data.max_test_per_client", da.max_test_per_client, "an integer >= 0")
+
+    for name in ("server_model", "client_model"):
+        m: ModelConfig = getattr(cfg, name)
+        _require(len(m.block_out_channels) >= 1 and all(c > 0 for c in m.block_out_channels),
+                 f"{name}.block_out_channels", m.block_out_channels, "a non-empty list of positive integers")
+        _require(all(c % m.norm_num_groups == 0 for c in m.block_out_channels), f"{name}.norm_num_groups",
+                 m.norm_num_groups, f"a divisor of every entry of {name}.block_out_channels {m.block_out_channels}")
+        _require(m.layers_per_block >= 1, f"{name}.layers_per_block", m.layers_per_block, "an integer >= 1")
+        size = 28
+        for _ in m.block_out_channels[:-1]:
+            _require(size % 2 == 0, f"{name}.block_out_channels", m.block_out_channels,
+                     "at most 3 levels for 28x28 images (28 -> 14 -> 7)")
+            size //= 2
+    _require(not cfg.client_model.condition_on_client, "client_model.condition_on_client",
+             cfg.client_model.condition_on_client, "false (a client model serves one client)")
+
+    for key in ("rounds", "batch_size", "checkpoint_every"):
+        _require(getattr(tr, key) >= 1, f"train.{key}", getattr(tr, key), "an integer >= 1")
+    for key in ("client_steps", "server_steps"):
+        _require(getattr(tr, key) >= 0, f"train.{key}", getattr(tr, key), "an integer >= 0")
+    _require(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
+    _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "a number in [0, 1)")
+    _require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "a number > 0")
+    _require(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", tr.cond_drop_prob, "a number in [0, 1)")
+
+    _require(1 <= sp.ddim_steps <= T, "sample.ddim_steps", sp.ddim_steps, f"an integer in [1, {T}]")
+    _require(sp.guidance_scale >= 0, "sample.guidance_scale", sp.guidance_scale, "a number >= 0")
+    _require(sp.n_per_client >= 1, "sample.n_per_client", sp.n_per_client, "an integer >= 1")
+    _require(sp.batch_size >= 1, "sample.batch_size", sp.batch_size, "an integer >= 1")
+    _require(cfg.run.threads >= 0, "run.threads", cfg.run.threads, "an integer >= 0")
+    dev = cfg.run.device
+    _require(dev == "cpu" or dev == "cuda" or dev.startswith("cuda:") or dev == "mps", "run.device", dev,
+             "'cpu', 'cuda', 'cuda:N' or 'mps'")

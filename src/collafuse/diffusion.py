@@ -1,0 +1,119 @@
+"""The diffusion process and the exact split of it (shared/design/split-protocol.md).
+
+Indexing. The protocol numbers steps t = 1..T with abar_0 = 1 (Ho et al. 2020). diffusers numbers them 0..T-1:
+protocol step t is diffusers timestep t-1, and ``alphas_cumprod[t-1]`` is abar_t. The model's timestep input is
+always the diffusers index. With cut s the client owns t = 1..s (indices 0..s-1) and the server t = s+1..T
+(indices s..T-1); the hand-off tensor is x_s, noised with abar_s = ``alpha_bar[s]`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from .config import DiffusionConfig
+
+EpsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t, diffusers timestep) -> standard epsilon prediction
+
+BETA_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+
+
+class DiffusionSchedule:
+    """Noise schedule plus the three noising rules of the split protocol.
+
+    Args:
+        cfg (`DiffusionConfig`): number of steps T, ``cosine`` (default) or ``linear`` betas, sample clipping.
+    """
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.T = cfg.timesteps
+        self.scheduler_kwargs = dict(
+            num_train_timesteps=cfg.timesteps,
+            beta_schedule=BETA_SCHEDULES[cfg.schedule],
+            prediction_type="epsilon",
+            clip_sample=cfg.clip_sample,
+        )
+        train = DDPMScheduler(**self.scheduler_kwargs)
+        # alpha_bar[t] = abar_t in protocol indexing, t = 0..T, with abar_0 = 1.
+        self.alpha_bar = torch.cat([torch.ones(1), train.alphas_cumprod.float()])
+
+    def _ab(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """abar_t broadcast against an image batch ``like`` [B, C, H, W]."""
+        ab = self.alpha_bar.to(like.device)[torch.as_tensor(t, device=like.device)]
+        return ab.reshape(-1, *([1] * (like.ndim - 1))) if ab.ndim else ab
+
+    def noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Client training and the upload: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, i.e. q(x_t | x0).
+
+        With t = cut this is the upload u_i of the protocol; with t = 0 it returns x0 exactly.
+        """
+        ab = self._ab(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def relative_ratio(self, t: torch.Tensor, cut: int, like: torch.Tensor) -> torch.Tensor:
+        """r_t = abar_t / abar_s for server steps t > s."""
+        return self._ab(t, like) / self.alpha_bar[cut].to(like.device)
+
+    def server_noise(self, u: torch.Tensor, eps_rel: torch.Tensor, t: torch.Tensor, cut: int) -> torch.Tensor:
+        """Server training: x_t = sqrt(r_t) u + sqrt(1 - r_t) eps' from the upload u ~ q(x_s | x0).
+
+        Gaussian transitions compose, so x_t has exactly the marginal q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t).
+        """
+        r = self.relative_ratio(t, cut, u)
+        return r.sqrt() * u + (1 - r).sqrt() * eps_rel
+
+    def server_eps_scale(self, t: torch.Tensor | int, cut: int) -> torch.Tensor:
+        """k_t = sqrt(1 - abar_t) / sqrt(1 - r_t): E[eps | x_t] = k_t E[eps' | x_t] (split-protocol.md, Training)."""
+        ab_t = self.alpha_bar[torch.as_tensor(t)]
+        r = ab_t / self.alpha_bar[cut]
+        return (1 - ab_t).sqrt() / (1 - r).sqrt()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def sampler(self, kind: Literal["ddpm", "ddim"], cut: int, ddim_steps: int = 50):
+        """A diffusers scheduler whose timestep sequence contains the hand-off to x_cut.
+
+        DDPM runs all T steps. DDIM uses a uniform stride r = T // ddim_steps anchored on the cut: the sequence is
+        every index congruent to cut-1 mod r, so the server's last step lands on index cut-1 (= x_cut) exactly.
+        (DDIMScheduler steps from t to t - T // num_inference_steps, so any list with that stride is valid.)
+        The sequence may hold one step more or fewer than ``ddim_steps``.
+        """
+        if kind == "ddpm":
+            sched = DDPMScheduler(**self.scheduler_kwargs)
+            sched.set_timesteps(num_inference_steps=self.T)
+            return sched
+        if kind == "ddim":
+            sched = DDIMScheduler(**self.scheduler_kwargs, set_alpha_to_one=True)
+            sched.set_timesteps(ddim_steps)  # sets num_inference_steps, hence the stride used by step()
+            stride = self.T // ddim_steps
+            start = (cut - 1) % stride
+            sched.timesteps = torch.arange(start, self.T, stride).flip(0)
+            return sched
+        raise ValueError(f"sampler = {kind!r} is invalid (allowed: 'ddpm', 'ddim')")
+
+
+def split_timesteps(timesteps: torch.Tensor, cut: int) -> tuple[list[int], list[int]]:
+    """Server steps (protocol t > cut, i.e. index >= cut) and client steps (index < cut), in sampling order."""
+    ts = [int(t) for t in timesteps]
+    return [t for t in ts if t >= cut], [t for t in ts if t < cut]
+
+
+@torch.no_grad()
+def denoise(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    timesteps: list[int],
+    scheduler,
+    generator: torch.Generator | None = None,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Run ``scheduler.step`` over ``timesteps`` from ``x``. Either side of the split calls this on its own steps."""
+    for t in timesteps:
+        x = scheduler.step(eps_fn(x, t), t, x, generator=generator).prev_sample
+        if progress is not None:
+            progress()
+    return x

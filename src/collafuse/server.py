@@ -1,0 +1,135 @@
+"""The server role: trains the high-noise steps t = cut+1..T from the clients' uploads with the relative-noise
+objective, and denoises from pure noise down to exactly x_cut for sampling requests.
+
+It never receives x0, epsilon, client weights or gradients: everything it gets arrives through ``handle``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .diffusion import DiffusionSchedule, denoise, split_timesteps
+from .learner import Learner
+from .models import LabelEncoder, node_model, predict_eps
+from .protocol import SERVER, Message, ProtocolError, client_index
+from .seeding import generator as make_generator
+
+
+class Server:
+    """Args:
+        cfg (`Config`): the run configuration (cut, server model, training and sampling settings, seeds).
+        device (`str`, *optional*): defaults to ``cfg.run.device``.
+    """
+
+    node_id = SERVER
+
+    def __init__(self, cfg: Config, device: str | None = None):
+        self.cfg = cfg
+        self.cut = cfg.cut
+        self.T = cfg.diffusion.timesteps
+        self.device = torch.device(device or cfg.run.device)
+        self.schedule = DiffusionSchedule(cfg.diffusion)
+        m = cfg.server_model
+        self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
+        model = node_model(m, self.labels, cfg.seeds.init, SERVER)
+        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER), str(self.device))
+        self.sample_rng = make_generator(cfg.seeds.sample, SERVER)
+        self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.show_progress = False
+
+    @property
+    def trains(self) -> bool:
+        """Whether the server owns any step (cut < T)."""
+        return self.cut < self.T
+
+    # -- training -----------------------------------------------------------------------------------------------------
+    def receive_upload(self, client: int, x_cut: torch.Tensor, y: torch.Tensor) -> None:
+        if client in self.uploads:
+            old_u, old_y = self.uploads[client]
+            if old_u.shape == x_cut.shape and torch.equal(old_u.cpu(), x_cut) and torch.equal(old_y.cpu(), y):
+                return  # the same view again (e.g. after a restart): nothing new
+        self.uploads[client] = (x_cut.to(self.device), y.to(self.device))
+        self._pool = None
+
+    def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All uploads, mixed: (x_cut, y, client index), in client order so the pool is the same after a restart."""
+        if self._pool is None:
+            keys = sorted(self.uploads)
+            self._pool = (
+                torch.cat([self.uploads[k][0] for k in keys]),
+                torch.cat([self.uploads[k][1] for k in keys]),
+                torch.cat([torch.full((len(self.uploads[k][1]),), k, device=self.device) for k in keys]),
+            )
+        return self._pool
+
+    def train_step(self) -> float:
+        """One step of the relative-noise objective (split-protocol.md, Training):
+
+        x_t = sqrt(r_t) u + sqrt(1 - r_t) eps',  r_t = abar_t / abar_s,  loss = ||eps_S(x_t, t, y) - eps'||^2.
+        """
+        lr = self.learner
+        u_all, y_all, c_all = self.pool()
+        idx = lr.randint(0, len(u_all), self.cfg.train.batch_size)
+        u, y, c = u_all[idx], y_all[idx], c_all[idx]
+        t = lr.randint(self.cut + 1, self.T + 1, len(idx))  # protocol steps s+1..T
+        eps_rel = lr.randn(u.shape)
+        x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
+        ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, lr.rng)
+        return lr.step(x_t, t - 1, ids, eps_rel)
+
+    def train(self, steps: int) -> float:
+        """``steps`` server steps on the mixed uploads; returns their mean loss (NaN if the server owns no step)."""
+        if not self.trains or steps == 0 or not self.uploads:
+            return math.nan
+        return sum(self.train_step() for _ in range(steps)) / steps
+
+    # -- sampling -----------------------------------------------------------------------------------------------------
+    def sample_to_cut(self, y: torch.Tensor, client: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T ~ N(0, I), then server steps t = T..cut+1 with eps_hat = k_t * eps_S(x_t, t, y); returns x_cut."""
+        sp = self.cfg.sample
+        sched = self.schedule.sampler(sp.sampler, self.cut, sp.ddim_steps)
+        steps, _ = split_timesteps(sched.timesteps, self.cut)
+        model = self.learner.sampling_model(sp.use_ema)
+        ids = self.labels.encode(y.to(self.device), client)
+        gen = generator or self.sample_rng
+        x = torch.randn((len(y), *self.cfg.image_shape), generator=gen).to(self.device)
+        scale = {t: float(self.schedule.server_eps_scale(t + 1, self.cut)) for t in steps}  # diffusers t = protocol t-1
+
+        def eps_fn(x_t, t):
+            return scale[t] * predict_eps(model, x_t, t, ids, self.labels.null_id, sp.guidance_scale)
+
+        bar = tqdm(total=len(steps), desc="server steps", leave=False, disable=not self.show_progress)
+        with bar:
+            return denoise(eps_fn, x, steps, sched, gen, bar.update).float().cpu()
+
+    def handle(self, msg: Message) -> Message | None:
+        sender = client_index(msg.sender)
+        if sender >= self.cfg.data.num_clients:
+            raise ProtocolError(f"{msg.sender} is not a client of this run ({self.cfg.data.num_clients} clients)")
+        if msg.kind == "upload":
+            self.receive_upload(sender, msg.arrays["x_cut"], msg.arrays["y"])
+            return None
+        if msg.kind == "train_reply":
+            return None
+        if msg.kind == "sample_request":
+            y = msg.arrays["y"]
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.cfg.num_classes):
+                raise ProtocolError(f"sample_request labels outside [0, {self.cfg.num_classes - 1}]")
+            x_cut = self.sample_to_cut(y, sender)
+            return Message("sample_response", SERVER, msg.sender, {"x_cut": x_cut})
+        raise ProtocolError(f"server cannot handle message kind {msg.kind!r}")
+
+    # -- checkpoint state ----------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = self.learner.state()
+        tensors["sample_rng"] = self.sample_rng.get_state()
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.learner.load_state(tensors, meta)
+        self.sample_rng.set_state(tensors["sample_rng"])
