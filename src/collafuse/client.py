@@ -37,8 +37,8 @@ class Client:
         self.schedule = DiffusionSchedule(cfg.diffusion)
         self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, cfg.client_model.condition_on_class, False)
         model = node_model(cfg.client_model, self.labels, cfg.seeds.init, self.node_id)
-        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, self.node_id), str(self.device))
-        self.sample_rng = make_generator(cfg.seeds.sample, self.node_id)
+        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, self.node_id),
+                               make_generator(cfg.seeds.sample, self.node_id), str(self.device))
         # The client's secret: the seed of its upload noise. Drawn once, never re-drawn (split-protocol.md).
         self._upload_seed = (cfg.seeds.upload, self.node_id)
         self._upload: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -118,7 +118,8 @@ class Client:
 
         bar = tqdm(total=len(steps), desc=f"{self.node_id} steps", leave=False, disable=not self.show_progress)
         with bar:
-            return denoise(eps_fn, x_cut.to(self.device), steps, sched, generator or self.sample_rng, bar.update)
+            gen = generator or self.learner.sample_rng
+            return denoise(eps_fn, x_cut.to(self.device), steps, sched, gen, bar.update)
 
     def sample(self, n: int, transport: Transport | None, generator: torch.Generator | None = None) -> dict:
         """Generate n images: ask the server for x_cut (one request per batch), then finish locally.
@@ -129,7 +130,7 @@ class Client:
         y_all = self.sample_labels(n)
         sched = self.schedule.sampler(self.cfg.sample.sampler, self.cut, self.cfg.sample.ddim_steps)
         server_steps, _ = split_timesteps(sched.timesteps, self.cut)
-        gen = generator or self.sample_rng
+        gen = generator or self.learner.sample_rng
         out = {"x0": [], "x_cut": [], "y": []}
         for y in y_all.split(self.cfg.sample.batch_size):
             if server_steps:
@@ -142,12 +143,9 @@ class Client:
                 out[k].append(v.cpu())
         return {k: torch.cat(v) for k, v in out.items()}
 
-    # -- checkpoint state ----------------------------------------------------------------------------------------------
+    # -- checkpoint state: everything the node must keep to resume exactly lives in its Learner ---------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors, meta = self.learner.state()
-        tensors["sample_rng"] = self.sample_rng.get_state()
-        return tensors, meta
+        return self.learner.state()
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.learner.load_state(tensors, meta)
-        self.sample_rng.set_state(tensors["sample_rng"])

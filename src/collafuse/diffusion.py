@@ -8,7 +8,8 @@ always the diffusers index. With cut s the client owns t = 1..s (indices 0..s-1)
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -80,16 +81,20 @@ class DiffusionSchedule:
         DDPM runs all T steps. DDIM uses a uniform stride r = T // ddim_steps anchored on the cut: the sequence is
         every index congruent to cut-1 mod r, so the server's last step lands on index cut-1 (= x_cut) exactly.
         (DDIMScheduler steps from t to t - T // num_inference_steps, so any list with that stride is valid.)
-        The sequence may hold one step more or fewer than ``ddim_steps``.
+        The sequence may hold one step more or fewer than ``ddim_steps``; when the server's segment T - cut is shorter
+        than the stride, the stride shrinks until the server gets a step.
         """
         if kind == "ddpm":
             sched = DDPMScheduler(**self.scheduler_kwargs)
             sched.set_timesteps(num_inference_steps=self.T)
             return sched
         if kind == "ddim":
+            n = ddim_steps
+            while cut < self.T and self.T // n > self.T - cut:
+                n += 1  # the server's segment must hold at least one stride, or it would get no step at all
             sched = DDIMScheduler(**self.scheduler_kwargs, set_alpha_to_one=True)
-            sched.set_timesteps(ddim_steps)  # sets num_inference_steps, hence the stride used by step()
-            stride = self.T // ddim_steps
+            sched.set_timesteps(n)  # sets num_inference_steps, hence the stride T // n used by step()
+            stride = self.T // n
             start = (cut - 1) % stride
             sched.timesteps = torch.arange(start, self.T, stride).flip(0)
             return sched

@@ -21,14 +21,17 @@ class Learner:
         model (`torch.nn.Module`): the UNet, already initialised.
         cfg (`TrainConfig`): learning rate, EMA decay, gradient clipping.
         rng (`torch.Generator`): this node's CPU stream for batches, timesteps and noise.
+        sample_rng (`torch.Generator`): this node's CPU stream for sampling noise.
         device (`str`): where the model runs.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, rng: torch.Generator, device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, rng: torch.Generator, sample_rng: torch.Generator,
+                 device: str = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.cfg = cfg
         self.rng = rng
+        self.sample_rng = sample_rng
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay)
         self.steps = 0
@@ -64,7 +67,7 @@ class Learner:
             self.ema.copy_to(self._ema_model.parameters())
         return self._ema_model.eval()
 
-    # -- state: tensors go to safetensors, the rest to JSON --------------------------------------------------------------
+    # -- state: tensors go to safetensors, the rest to JSON ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
         ema = self.ema.state_dict()
@@ -75,6 +78,7 @@ class Learner:
             for name, v in slots.items():
                 tensors[f"optim.{idx}.{name}"] = v.detach().cpu()
         tensors["rng"] = self.rng.get_state()
+        tensors["sample_rng"] = self.sample_rng.get_state()
         meta = {"steps": self.steps, "ema": ema, "optim_param_groups": opt["param_groups"]}
         return {k: v.contiguous() for k, v in tensors.items()}, meta
 
@@ -91,7 +95,11 @@ class Learner:
             if k.startswith("optim."):
                 _, idx, name = k.split(".", 2)
                 state.setdefault(int(idx), {})[name] = v
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
+        # JSON turned tuples (Adam's betas) into lists; give the optimizer back exactly what it saved.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in meta["optim_param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.rng.set_state(tensors["rng"])
+        self.sample_rng.set_state(tensors["sample_rng"])
         self.steps = int(meta["steps"])
         self._ema_model = None

@@ -50,12 +50,14 @@ def plot_losses(history: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     for node, losses in history["losses"].items():
         pts = [(i + 1, v) for i, v in enumerate(losses) if v is not None]
         if pts:
             ax.plot(*zip(*pts), label=node, lw=1.6 if node == SERVER else 1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("mean training loss")
     ax.set_yscale("log")

@@ -44,7 +44,7 @@ class History:
         return {"losses": self.losses, "seconds": self.seconds, "rounds_done": self.rounds_done}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "History":
+    def from_dict(cls, d: dict) -> History:
         return cls(d["losses"], d["seconds"], d["rounds_done"])
 
 
@@ -80,8 +80,8 @@ class Federation:
                 self.history.seconds[c.node_id] = self.history.seconds.get(c.node_id, 0.0) + time.perf_counter() - t0
         for c in self.clients:
             t0 = time.perf_counter()
-            request = Message("train_request", SERVER, c.node_id, meta={"round": round_, "steps": cfg.train.client_steps})
-            reply = tp.request(request)
+            meta = {"round": round_, "steps": cfg.train.client_steps}
+            reply = tp.request(Message("train_request", SERVER, c.node_id, meta=meta))
             server.handle(reply)
             losses[c.node_id] = reply.meta.get("loss", math.nan)
             self.history.add(c.node_id, losses[c.node_id], time.perf_counter() - t0)

@@ -36,8 +36,8 @@ class Server:
         m = cfg.server_model
         self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
         model = node_model(m, self.labels, cfg.seeds.init, SERVER)
-        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER), str(self.device))
-        self.sample_rng = make_generator(cfg.seeds.sample, SERVER)
+        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER),
+                               make_generator(cfg.seeds.sample, SERVER), str(self.device))
         self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)
         self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.show_progress = False
@@ -96,7 +96,7 @@ class Server:
         steps, _ = split_timesteps(sched.timesteps, self.cut)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), client)
-        gen = generator or self.sample_rng
+        gen = generator or self.learner.sample_rng
         x = torch.randn((len(y), *self.cfg.image_shape), generator=gen).to(self.device)
         scale = {t: float(self.schedule.server_eps_scale(t + 1, self.cut)) for t in steps}  # diffusers t = protocol t-1
 
@@ -124,12 +124,9 @@ class Server:
             return Message("sample_response", SERVER, msg.sender, {"x_cut": x_cut})
         raise ProtocolError(f"server cannot handle message kind {msg.kind!r}")
 
-    # -- checkpoint state ----------------------------------------------------------------------------------------------
+    # -- checkpoint state: everything the node must keep to resume exactly lives in its Learner ---------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors, meta = self.learner.state()
-        tensors["sample_rng"] = self.sample_rng.get_state()
-        return tensors, meta
+        return self.learner.state()
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.learner.load_state(tensors, meta)
-        self.sample_rng.set_state(tensors["sample_rng"])

@@ -1,0 +1,75 @@
+"""Tiny fixtures: a seconds-long config, synthetic client data, and a tiny Fashion-MNIST-format IDX folder."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from collafuse.config import Config, config_from_dict  # noqa: E402
+from collafuse.data import ClientData  # noqa: E402
+
+TINY = {
+    "data": {"num_clients": 2, "max_train_per_client": 48, "max_test_per_client": 16},
+    "diffusion": {"timesteps": 20},
+    "split": {"cut": 6},
+    "server_model": {"block_out_channels": [8, 16], "norm_num_groups": 4, "mid_attention": False},
+    "client_model": {"block_out_channels": [8, 16], "norm_num_groups": 4, "mid_attention": False},
+    "train": {"rounds": 2, "client_steps": 2, "server_steps": 2, "batch_size": 8},
+    "sample": {"ddim_steps": 5, "n_per_client": 4, "batch_size": 4},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def tiny_config(**sections) -> Config:
+    """The tiny config, with per-section overrides: ``tiny_config(split={"cut": 0})``."""
+    return config_from_dict(merge(TINY, sections))
+
+
+def synthetic_clients(cfg: Config, n: int = 24, seed: int = 0) -> list[ClientData]:
+    """Random images in [-1, 1]; client i holds classes of its class group, so the data is non-IID."""
+    g = torch.Generator().manual_seed(seed)
+    groups = np.array_split(np.arange(cfg.num_classes), cfg.data.num_clients)
+    out = []
+    for i, classes in enumerate(groups):
+        y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
+        x = torch.rand((n, *cfg.image_shape), generator=g) * 2 - 1
+        yt = torch.tensor(classes)[torch.randint(0, len(classes), (n // 2,), generator=g)]
+        xt = torch.rand((n // 2, *cfg.image_shape), generator=g) * 2 - 1
+        out.append(ClientData(i, x, y, xt, yt))
+    return out
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 IDX file (gzip), the format of MNIST / Fashion-MNIST."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_dataset(tmp_path) -> Path:
+    """A tiny dataset in the exact Fashion-MNIST layout: 10 classes, 12 train and 4 test images each."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for split, per_class in (("train", 12), ("t10k", 4)):
+        labels = np.repeat(np.arange(10), per_class)
+        images = rng.integers(0, 256, (len(labels), 28, 28))
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root

@@ -1,0 +1,126 @@
+"""The privacy invariant, checked on a full tiny run and on what the server object actually holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from collafuse.client import Client
+from collafuse.protocol import SERVER, SPECS, Message, ProtocolError, check_message
+from collafuse.runner import Federation
+from collafuse.seeding import generator
+from conftest import synthetic_clients, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained():
+    cfg = tiny_config(data={"num_clients": 3}, train={"rounds": 3})
+    fed = Federation(cfg, synthetic_clients(cfg, n=16))
+    fed.train(progress=False)
+    for c in fed.clients:
+        fed.sample(c.index, 3)
+    return fed
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from ``obj``: attributes, containers, module parameters and buffers."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.state_dict().values()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("collafuse", "diffusers.training_utils")):
+        yield from _tensors(vars(obj), seen)
+    elif isinstance(obj, torch.optim.Optimizer):
+        yield from _tensors(obj.state_dict(), seen)
+
+
+def test_message_log_holds_only_allowed_kinds_and_arrays(trained):
+    records = trained.log.records
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"upload_request", "upload", "train_request", "train_reply", "sample_request", "sample_response"}
+    for r in records:
+        spec = SPECS[r["kind"]]
+        assert {a["name"] for a in r["arrays"]} == set(spec.arrays)
+        assert set(r["meta"]) <= spec.meta
+        assert (r["receiver"] == SERVER) == (spec.direction == "c2s")
+        for a in r["arrays"]:
+            n = 1
+            for d in a["shape"]:
+                n *= d
+            assert a["bytes"] == n * {"float32": 4, "int64": 8}[a["dtype"]]
+    # One upload per client in the whole run: the view is cached, never re-drawn.
+    assert sorted(r["sender"] for r in records if r["kind"] == "upload") == ["client0", "client1", "client2"]
+
+
+def test_server_never_holds_x0_or_eps(trained):
+    held = [t.detach().float().reshape(-1, 28 * 28) for t in _tensors(trained.server)
+            if t.ndim >= 2 and t.shape[-2:] == (28, 28)]
+    held = torch.cat(held)
+    assert len(held) >= 48  # it does hold the uploads
+    for c in trained.clients:
+        x0 = c.data.train_x.reshape(-1, 28 * 28)
+        eps = torch.randn(c.data.train_x.shape, generator=generator(c.cfg.seeds.upload, c.node_id, "upload"))
+        eps = eps.reshape(-1, 28 * 28)
+        for secret in (x0, eps, -eps):
+            assert torch.cdist(secret, held).min() > 1.0  # nothing the server holds is (close to) a secret
+        # ...and what it holds for this client is exactly the q(x_cut | x0) view, with the client's noise.
+        u, y = trained.server.uploads[c.index]
+        ab = c.schedule.alpha_bar[c.cut]
+        torch.testing.assert_close(u.reshape(-1, 784), ab.sqrt() * x0 + (1 - ab).sqrt() * eps)
+        assert torch.equal(y, c.data.train_y)
+
+
+def test_uploads_for_an_image_are_identical_across_rounds():
+    cfg = tiny_config(train={"rounds": 1})
+    data = synthetic_clients(cfg, n=16)
+    fed = Federation(cfg, data)
+    fed.train(progress=False)
+    first = {k: v[0].clone() for k, v in fed.server.uploads.items()}
+    fed.server.uploads.clear()  # a server restart: the clients are asked again in the next round
+    fed.cfg.train.rounds = 3
+    fed.train(progress=False)
+    for k, u in first.items():
+        assert torch.equal(fed.server.uploads[k][0], u)
+    # A fresh client object with the same secret seed recomputes the same bytes.
+    again = Client(0, data[0], cfg).upload()[0]
+    assert torch.equal(again, first[0])
+    sent = [r for r in fed.log.records if r["kind"] == "upload"]
+    assert len(sent) == 2 * cfg.data.num_clients  # asked twice, same view both times
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (Message("upload", "client0", SERVER, {"x0": torch.zeros(2, 1, 28, 28), "y": torch.zeros(2, dtype=torch.long)}),
+     "arrays"),
+    (Message("upload", "client0", SERVER, {"x_cut": torch.zeros(2, 1, 28, 28), "y": torch.zeros(2, dtype=torch.long),
+                                           "eps": torch.zeros(2, 1, 28, 28)}), "arrays"),
+    (Message("upload", SERVER, "client0", {"x_cut": torch.zeros(2, 1, 28, 28), "y": torch.zeros(2, dtype=torch.long)}),
+     "not allowed"),
+    (Message("upload", "client0", SERVER, {"x_cut": torch.full((2, 1, 28, 28), float("nan")),
+                                           "y": torch.zeros(2, dtype=torch.long)}), "NaN"),
+    (Message("upload", "client0", SERVER, {"x_cut": torch.zeros(2, 1, 28, 28, dtype=torch.float64),
+                                           "y": torch.zeros(2, dtype=torch.long)}), "float32"),
+    (Message("upload", "client0", SERVER, {"x_cut": torch.zeros(2, 1, 28, 28), "y": torch.zeros(3, dtype=torch.long)}),
+     "batch size"),
+    (Message("client_weights", "client0", SERVER, {}), "not allowed"),
+    (Message("train_reply", "client0", SERVER, meta={"loss": 0.1, "grad_norm": 2.0}), "meta"),
+    (Message("train_reply", "client0", SERVER, meta={"loss": float("inf")}), "finite"),
+])
+def test_forbidden_messages_are_rejected(bad, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        check_message(bad)
+
+
+def test_server_rejects_out_of_range_labels(trained):
+    bad = Message("sample_request", "client0", SERVER, {"y": torch.tensor([0, 99])})
+    with pytest.raises(ProtocolError, match="labels"):
+        trained.transport.request(bad)
