@@ -12,7 +12,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from threads, and a second thread per process makes them crawl whenever the two cores
+# are shared (thread oversubscription): one thread everywhere in the tests, subprocesses included.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from collafuse.config import Config, config_from_dict  # noqa: E402
 from collafuse.data import ClientData  # noqa: E402

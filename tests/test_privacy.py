@@ -124,3 +124,24 @@ def test_server_rejects_out_of_range_labels(trained):
     bad = Message("sample_request", "client0", SERVER, {"y": torch.tensor([0, 99])})
     with pytest.raises(ProtocolError, match="labels"):
         trained.transport.request(bad)
+
+
+def test_baselines_run_through_the_same_loop():
+    """Cut 0 (global model): clients own no step, the upload is x0 itself. Cut T (independent client models):
+    nothing but train instructions and loss replies crosses; no upload, no sampling request."""
+    cfg = tiny_config(split={"cut": 0})
+    data = synthetic_clients(cfg, n=16)
+    fed = Federation(cfg, data)
+    fed.train(progress=False)
+    fed.sample(0, 2)
+    assert all(v is None for c in fed.clients for v in fed.history.losses[c.node_id])
+    assert all(v is not None for v in fed.history.losses[SERVER])
+    assert torch.equal(fed.server.uploads[0][0], data[0].train_x)
+
+    cfg = tiny_config(split={"cut": cfg.diffusion.timesteps})
+    fed = Federation(cfg, synthetic_clients(cfg, n=16))
+    fed.train(progress=False)
+    out = fed.sample(1, 2)
+    assert out["x0"].shape == (2, 1, 28, 28) and torch.isfinite(out["x0"]).all()
+    assert {r["kind"] for r in fed.log.records} == {"train_request", "train_reply"}
+    assert all(v is None for v in fed.history.losses[SERVER]) and not fed.server.uploads

@@ -41,7 +41,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a partial one."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
         f.write(text)
@@ -75,7 +76,7 @@ def save_checkpoint(ckpt_dir: Path, round_: int, nodes: dict[str, NodeState], ru
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_dir)
-    _write_text_atomic(ckpt_dir / "LATEST", final.name + "\n")
+    write_text_atomic(ckpt_dir / "LATEST", final.name + "\n")
     rounds = sorted(p for p in ckpt_dir.glob("round_*") if p.is_dir())
     for old in rounds[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -7,13 +7,13 @@ telling how to resume.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, latest_checkpoint
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data import DataError
 
@@ -46,42 +46,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _with_device(overrides: list[str], device: str | None) -> list[str]:
-    return overrides + ([f"run.device={device!r}".replace("'", '"')] if device else [])
+    return overrides + ([f"run.device={json.dumps(device)}"] if device else [])
 
 
 def cmd_run(args) -> int:
-    from .report import plot_losses, write_client_images, write_metrics, write_report
-    from .runner import Federation
-    from .transport import MessageLog
+    from .experiment import run_experiment
 
     cfg: Config = load_config(args.config, _with_device(args.overrides, args.device))
     out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
-    existing = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-    if existing is not None and not args.resume:
-        raise ConfigError(f"--out {out} already holds a run ({existing.name}); pass --resume to continue it "
-                          f"or choose another --out")
-    fed = Federation(cfg, log=MessageLog(out / "message_log.jsonl"))
-    if args.resume and fed.restore(ckpt_dir):  # verified before anything in --out is written
-        print(f"resuming {out} after round {fed.history.rounds_done}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
-    fed.set_progress(not args.quiet)
     try:
-        fed.train(ckpt_dir, progress=not args.quiet)
+        report = run_experiment(cfg, out, args.resume, not args.quiet, "collafuse " + shlex.join(sys.argv[1:]))
     except KeyboardInterrupt:
-        done = fed.history.rounds_done
-        print(f"\ninterrupted after round {done}; continue with: collafuse run {args.config} --out {out} --resume",
-              file=sys.stderr)
+        print(f"\ninterrupted; continue with: collafuse run {args.config} --out {out} --resume", file=sys.stderr)
         return 130
-    sample_seconds = {}
-    for c in fed.clients:
-        t0 = time.perf_counter()
-        write_client_images(fed, c.index, cfg.sample.n_per_client, out)
-        sample_seconds[c.node_id] = time.perf_counter() - t0
-    metrics = write_metrics(fed, out, sample_seconds)
-    plot_losses(metrics, out / "losses.png")
-    report = write_report(fed, out, metrics, "collafuse " + shlex.join(sys.argv[1:]))
     print(f"outputs: {out}/ (samples_client*.png, cut_client*.png, real_client*.png, metrics.json, "
           f"message_log.jsonl, config.toml)\nreport: {report}")
     return 0

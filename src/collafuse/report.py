@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from .checkpoint import write_text_atomic
 from .images import save_grid
 from .models import count_params
 from .protocol import SERVER
 from .runner import Federation
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def real_images(fed: Federation, client: int, n: int) -> torch.Tensor:
@@ -33,8 +28,6 @@ def real_images(fed: Federation, client: int, n: int) -> torch.Tensor:
 
 def write_client_images(fed: Federation, client: int, n: int, out: Path, real: bool = True) -> dict:
     """samples_client{i}.png, cut_client{i}.png (the server's hand-offs), real_client{i}.png, and the tensors."""
-    from safetensors.torch import save_file
-
     result = fed.sample(client, n)
     ncol = max(1, round(n ** 0.5))
     save_grid(result["x0"], out / f"samples_client{client}.png", ncol)
@@ -86,7 +79,7 @@ def write_metrics(fed: Federation, out: Path, sample_seconds: dict[str, float]) 
         "sample_seconds": sample_seconds,
         "message_log": fed.log.summary(),
     }
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 
@@ -137,5 +130,5 @@ def write_report(fed: Federation, out: Path, metrics: dict, command: str) -> Pat
     for kind, s in log["by_kind"].items():
         lines.append(f"| {kind} | {s['messages']} | {_mb(s['bytes'])} |")
     path = out / "report.md"
-    _atomic_write(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
