@@ -42,6 +42,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="sampling overrides, e.g. --set sample.sampler=ddpm --set seeds.sample=7")
     smp.add_argument("--device", help="torch device, overrides run.device")
     smp.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev = sub.add_parser("evaluate", help="fidelity, disclosure, compute and communication of a trained run")
+    ev.add_argument("run_dir", help="a directory written by 'collafuse run'")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="evaluation overrides, e.g. --set eval.n_samples=1000 --set eval.extractor=inception")
+    ev.add_argument("--device", help="torch device, overrides run.device")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sw = sub.add_parser("sweep", help="one run per cut point, each evaluated, and one report")
+    sw.add_argument("config", help="TOML config, e.g. configs/sweep.toml")
+    sw.add_argument("--cuts", default="0,50,100,200,300,500,1000",
+                    help="comma-separated cut points (default: %(default)s)")
+    sw.add_argument("--out", required=True, help="sweep directory (one run directory per cut, report.md)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every run, e.g. --set train.rounds=40")
+    sw.add_argument("--device", help="torch device, overrides run.device")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -89,11 +105,39 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    run_dir = Path(args.run_dir)
+    result = evaluate_run(run_dir, _with_device(args.overrides, args.device), progress=not args.quiet)
+    print(f"wrote {run_dir}/evaluation.json (cut {result['cut']}, {result['n_samples_per_client']} samples per "
+          f"client, extractor {result['extractor']['name']})")
+    return 0
+
+
+def cmd_sweep(args, argv: list[str] | None = None) -> int:
+    from .sweep import parse_cuts, run_sweep
+
+    overrides = _with_device(args.overrides, args.device)
+    try:
+        report = run_sweep(args.config, parse_cuts(args.cuts), Path(args.out), overrides, progress=not args.quiet,
+                           command="collafuse " + shlex.join(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the same command resumes: collafuse sweep {args.config} --cuts {args.cuts} "
+              f"--out {args.out}", file=sys.stderr)
+        return 130
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for a model hub
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "sample": cmd_sample}[args.command](args)
+        if args.command == "sweep":
+            return cmd_sweep(args, argv)
+        commands = {"run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate}
+        return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

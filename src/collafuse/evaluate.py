@@ -1,0 +1,168 @@
+"""``collafuse evaluate RUN_DIR``: the paper's three claims measured on one trained run.
+
+- fidelity: FID/KID of each client's samples against its own train and held-out test images, and over all
+  clients, with a pluggable feature extractor; predicted-label histograms against the client's class mix;
+- disclosure: what the server could learn from the uploads and its sampling hand-offs (collafuse.disclosure);
+- compute: exact FLOPs per node and phase (collafuse.compute), measured wall time, an energy estimate;
+- communication: bytes per client from the run's message log (collafuse.communication).
+
+Everything goes to ``RUN_DIR/evaluation.json``; generated samples are cached in ``RUN_DIR/eval/`` keyed by the
+checkpoint round and sample count, so a re-evaluation (or a resumed sweep) does not sample again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, latest_checkpoint, write_text_atomic
+from .communication import communication_summary
+from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting
+from .config import Config, ConfigError, load_config
+from .disclosure import disclosure_report
+from .features import get_extractor
+from .fidelity import compare_label_mix, fid_kid
+from .protocol import SERVER
+from .runner import Federation
+from .seeding import generator
+
+
+def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Federation:
+    """A Federation restored from a run directory's latest checkpoint (message log in memory only)."""
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"run_dir = '{run_dir}' has no config.toml (expected a directory written by collafuse run)")
+    cfg = load_config(run_dir / "config.toml", overrides)
+    fed = Federation(cfg)
+    if not fed.restore(run_dir / "checkpoints"):
+        raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint; train first with collafuse run")
+    return fed
+
+
+def generated_samples(fed: Federation, run_dir: Path, client: int, n: int) -> dict[str, torch.Tensor]:
+    """n samples of one client, from the cache when it matches this checkpoint and n, else sampled and cached."""
+    cache = run_dir / "eval" / f"samples_client{client}_n{n}.safetensors"
+    round_ = fed.history.rounds_done
+    if cache.is_file():
+        tensors = load_file(str(cache))
+        if int(tensors["round"]) == round_ and len(tensors["x0"]) == n:
+            return tensors
+    out = fed.sample(client, n, generator(fed.cfg.seeds.sample, "eval", client))
+    out["round"] = torch.tensor(round_)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+    tmp.replace(cache)
+    return out
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if n == 0 or n >= len(x):
+        return x, y
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, classifier) -> dict:
+    cfg = fed.cfg
+    per_client, all_fake, all_real = {}, [], []
+    for c in fed.clients:
+        fake = samples[c.index]["x0"]
+        train_x, train_y = _subset(c.data.train_x, c.data.train_y, cfg.eval.n_real, seed=c.index)
+        test_x, test_y = _subset(c.data.test_x, c.data.test_y, cfg.eval.n_real, seed=100 + c.index)
+        per_client[c.node_id] = {
+            "vs_train": fid_kid(train_x, fake, extractor),
+            "vs_test": fid_kid(test_x, fake, extractor) if len(test_x) > 1 else None,
+            "label_mix": compare_label_mix(fake, classifier, c.data.train_y, cfg.num_classes),
+        }
+        all_fake.append(fake)
+        all_real.append(test_x if len(test_x) > 1 else train_x)
+    overall = fid_kid(torch.cat(all_real), torch.cat(all_fake), extractor)
+    return {"per_client": per_client, "overall_vs_test": overall}
+
+
+def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
+    cfg, server = fed.cfg, fed.server
+    if not server.trains:
+        return {"skipped": f"cut = T = {cfg.diffusion.timesteps}: nothing crosses, the server learns nothing"}
+    abar = float(server.schedule.alpha_bar[cfg.cut])
+    out = {}
+    for c in fed.clients:
+        n = min(cfg.eval.disclosure_n, len(c.data.train_x))
+        uploads, labels = c.upload()
+        # Distractors: every other image the project holds (other clients' train sets, all test sets).
+        others = [d for d in fed.clients if d is not c]
+        pool_x = torch.cat([c.data.test_x, *[d.data.train_x for d in others], *[d.data.test_x for d in others]])
+        pool_y = torch.cat([c.data.test_y, *[d.data.train_y for d in others], *[d.data.test_y for d in others]])
+        pool_x, pool_y = _subset(pool_x, pool_y, max(0, cfg.eval.distractors - n), seed=200 + c.index)
+        out[c.node_id] = disclosure_report(
+            c.data.train_x[:n], uploads[:n], abar, labels=labels[:n], server=server, client=c.index,
+            distractors=pool_x, distractor_labels=pool_y, ks=tuple(cfg.eval.averaging_ks),
+            x_cut=samples[c.index]["x_cut"], x_cut_labels=samples[c.index]["y"],
+            generator=generator(cfg.seeds.sample, "disclosure", c.index),
+        )
+    return out
+
+
+def compute_section(fed: Federation, run_dir: Path) -> dict:
+    cfg = fed.cfg
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    section = {
+        "flops": run_accounting(cfg, measure_node_flops(cfg)),
+        "measured_train_seconds": metrics.get("train_seconds"),
+        "measured_sample_seconds": metrics.get("sample_seconds"),
+    }
+    if cfg.eval.energy_steps:
+        energy = {}
+        for node, trains in (("server", fed.server.trains), ("client", fed.clients[0].trains)):
+            if not trains:
+                continue
+            step = make_train_step(cfg, node)
+            est = estimate_energy(lambda step=step: [step() for _ in range(cfg.eval.energy_steps)],
+                                  cfg.eval.energy_country)
+            est["steps_measured"] = cfg.eval.energy_steps
+            if est.get("energy_kwh") is not None:
+                steps = cfg.train.rounds * (cfg.train.server_steps if node == "server" else cfg.train.client_steps)
+                est["run_energy_kwh_estimate"] = est["energy_kwh"] / cfg.eval.energy_steps * steps
+            energy[node] = est
+        section["energy"] = energy
+    return section
+
+
+def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
+    """Evaluate a trained run and write ``RUN_DIR/evaluation.json``; returns the same dict."""
+    run_dir = Path(run_dir)
+    fed = load_run(run_dir, overrides)
+    cfg: Config = fed.cfg
+    fed.set_progress(progress)
+    t0 = time.perf_counter()
+    samples = {c.index: generated_samples(fed, run_dir, c.index, cfg.eval.n_samples) for c in fed.clients}
+    sample_s = time.perf_counter() - t0
+    extractor = get_extractor(cfg.eval.extractor, cache_dir=cfg.eval.cache_dir or None, data_root=cfg.data.root,
+                              weights=cfg.eval.inception_weights or None)
+    classifier = extractor if cfg.eval.extractor == "classifier" else get_extractor(
+        "classifier", cache_dir=cfg.eval.cache_dir or None, data_root=cfg.data.root)
+    t1 = time.perf_counter()
+    result = {
+        "run_dir": str(run_dir),
+        "cut": cfg.cut,
+        "timesteps": cfg.diffusion.timesteps,
+        "rounds": fed.history.rounds_done,
+        "checkpoint": latest_checkpoint(run_dir / "checkpoints").name,
+        "n_samples_per_client": cfg.eval.n_samples,
+        "extractor": {"name": cfg.eval.extractor, **getattr(extractor, "info", {})},
+        "fidelity": fidelity_section(fed, samples, extractor, classifier),
+    }
+    result["seconds"] = {"sampling": sample_s, "fidelity": time.perf_counter() - t1}
+    t2 = time.perf_counter()
+    result["disclosure"] = disclosure_section(fed, samples)
+    result["seconds"]["disclosure"] = time.perf_counter() - t2
+    result["compute"] = compute_section(fed, run_dir)
+    log = run_dir / "message_log.jsonl"
+    result["communication"] = communication_summary(log) if log.is_file() else None
+    result["nodes"] = [SERVER, *(c.node_id for c in fed.clients)]
+    write_text_atomic(run_dir / "evaluation.json", json.dumps(result, indent=1, allow_nan=False))
+    return result
