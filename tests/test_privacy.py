@@ -145,3 +145,17 @@ def test_baselines_run_through_the_same_loop():
     assert out["x0"].shape == (2, 1, 28, 28) and torch.isfinite(out["x0"]).all()
     assert {r["kind"] for r in fed.log.records} == {"train_request", "train_reply"}
     assert all(v is None for v in fed.history.losses[SERVER]) and not fed.server.uploads
+
+
+def test_fresh_upload_noise_is_off_by_default_and_sends_one_view_per_round_when_on():
+    cfg = tiny_config(train={"rounds": 3}, split={"cut": 6, "fresh_upload_noise": True})
+    data = synthetic_clients(cfg, n=16)
+    fed = Federation(cfg, data)
+    views = []
+    fed.train(progress=False, on_round=lambda r: views.append(fed.server.uploads[0][0].clone()))
+    assert sum(r["kind"] == "upload" for r in fed.log.records) == 3 * cfg.data.num_clients
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+    default = Federation(tiny_config(train={"rounds": 1}), data)
+    default.train(progress=False)
+    assert torch.equal(views[0], default.server.uploads[0][0])  # round 1 is the default view
+    assert tiny_config().identity_hash() != cfg.identity_hash()

@@ -41,7 +41,7 @@ class Client:
                                make_generator(cfg.seeds.sample, self.node_id), str(self.device))
         # The client's secret: the seed of its upload noise. Drawn once, never re-drawn (split-protocol.md).
         self._upload_seed = (cfg.seeds.upload, self.node_id)
-        self._upload: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._upload: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (view number, u, y)
         self._train_x = data.train_x.to(self.device)
         self._train_y = data.train_y.to(self.device)
         self.show_progress = False
@@ -52,18 +52,21 @@ class Client:
         return self.cut >= 1
 
     # -- training -----------------------------------------------------------------------------------------------------
-    def upload(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def upload(self, round_: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the secret seed.
 
         Computed once and cached; recomputing from the same seed gives the same bytes, so a repeated upload
-        (e.g. after a server restart) tells the server nothing new.
+        (e.g. after a server restart) tells the server nothing new. Only with ``split.fresh_upload_noise`` does
+        round r > 1 draw a new view (its own seed), and the server then collects one view per round.
         """
-        if self._upload is None:
-            rng = make_generator(*self._upload_seed, "upload")
+        view = round_ if self.cfg.split.fresh_upload_noise else 1
+        if self._upload is None or self._upload[0] != view:
+            names = ("upload",) if view == 1 else ("upload", view)
+            rng = make_generator(*self._upload_seed, *names)
             eps = torch.randn(self.data.train_x.shape, generator=rng)
             u = self.schedule.noise(self.data.train_x, eps, self.cut)
-            self._upload = (u.contiguous(), self.data.train_y.clone())
-        return self._upload
+            self._upload = (view, u.contiguous(), self.data.train_y.clone())
+        return self._upload[1], self._upload[2]
 
     def train_step(self) -> float:
         """One DDPM step on the client's own images at t ~ U{1..cut} (Ho et al. 2020, Algorithm 1)."""
@@ -85,7 +88,7 @@ class Client:
     def handle(self, msg: Message) -> Message | None:
         """Answer the server's instructions. Only the upload (x_cut, y) and an aggregate loss ever leave."""
         if msg.kind == "upload_request":
-            u, y = self.upload()
+            u, y = self.upload(int(msg.meta["round"]))
             return Message("upload", self.node_id, SERVER, {"x_cut": u, "y": y}, {"round": msg.meta["round"]})
         if msg.kind == "train_request":
             loss = self.train(int(msg.meta["steps"]))

@@ -55,6 +55,9 @@ class SplitConfig:
     # cut = 0: one global server model (GM baseline); cut = T: independent client models (ICM baseline).
     cut: int | None = None  # as a step, 0..T
     cut_ratio: float | None = None  # or as the client's share of the chain, cut = round(cut_ratio * T)
+    # Re-draw each image's cut noise every round: more training diversity for the server, but K rounds hand it K
+    # independent views whose average has noise sqrt(1 - abar_s / K): less privacy (split-protocol.md). Off.
+    fresh_upload_noise: bool = False
 
 
 @dataclass
@@ -155,6 +158,8 @@ class Config:
     def identity_hash(self) -> str:
         ident = {name: dataclasses.asdict(getattr(self, name)) for name in self.IDENTITY_SECTIONS}
         ident["split"] = {"cut": self.cut}
+        if self.split.fresh_upload_noise:  # only when on, so runs from before the option keep their hash
+            ident["split"]["fresh_upload_noise"] = True
         ident["seeds"].pop("sample")  # sampling noise may change between sampling runs of one trained model
         for key in ("batch_size", "cond_drop_prob"):
             ident[f"train.{key}"] = getattr(self.train, key)
@@ -165,7 +170,8 @@ class Config:
         for f in dataclasses.fields(self):
             section = {k: v for k, v in dataclasses.asdict(getattr(self, f.name)).items() if v is not None}
             out[f.name] = section
-        out["split"] = {"cut": self.cut}  # resolved: a ratio is written as the step it resolved to
+        # resolved: a ratio is written as the step it resolved to
+        out["split"] = {"cut": self.cut, "fresh_upload_noise": self.split.fresh_upload_noise}
         return out
 
     def to_toml(self) -> str:

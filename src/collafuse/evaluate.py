@@ -89,7 +89,11 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
     if not server.trains:
         return {"skipped": f"cut = T = {cfg.diffusion.timesteps}: nothing crosses, the server learns nothing"}
     abar = float(server.schedule.alpha_bar[cfg.cut])
-    out = {}
+    # With fresh noise per round the server has received one view per round: the averaging attack at K = rounds is
+    # then what it could actually do, not a what-if.
+    views = fed.history.rounds_done if cfg.split.fresh_upload_noise else 1
+    ks = tuple(sorted({*cfg.eval.averaging_ks, views}))
+    out = {"views_per_image": views, "fresh_upload_noise": cfg.split.fresh_upload_noise}
     for c in fed.clients:
         n = min(cfg.eval.disclosure_n, len(c.data.train_x))
         uploads, labels = c.upload()
@@ -100,7 +104,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
         pool_x, pool_y = _subset(pool_x, pool_y, max(0, cfg.eval.distractors - n), seed=200 + c.index)
         out[c.node_id] = disclosure_report(
             c.data.train_x[:n], uploads[:n], abar, labels=labels[:n], server=server, client=c.index,
-            distractors=pool_x, distractor_labels=pool_y, ks=tuple(cfg.eval.averaging_ks),
+            distractors=pool_x, distractor_labels=pool_y, ks=ks,
             x_cut=samples[c.index]["x_cut"], x_cut_labels=samples[c.index]["y"],
             generator=generator(cfg.seeds.sample, "disclosure", c.index),
         )

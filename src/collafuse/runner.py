@@ -3,7 +3,8 @@
 The loop is the server's orchestration: it talks to clients only through the transport, so a networked transport
 (Flower) runs the same rounds. Each round:
 
-1. every client without a cached upload on the server answers an ``upload_request`` (first round only);
+1. every client without a cached upload on the server answers an ``upload_request`` (first round only; every
+   round with ``split.fresh_upload_noise``);
 2. every client takes K local steps on t = 1..cut (``train_request`` -> ``train_reply`` with its mean loss);
 3. the server takes S steps on t = cut+1..T from the mixed uploads;
 4. a checkpoint of every node is written atomically.
@@ -74,7 +75,7 @@ class Federation:
         cfg, tp, server = self.cfg, self.transport, self.server
         losses = {}
         for c in self.clients:
-            if server.trains and c.index not in server.uploads:
+            if server.trains and (c.index not in server.uploads or cfg.split.fresh_upload_noise):
                 t0 = time.perf_counter()
                 server.handle(tp.request(Message("upload_request", SERVER, c.node_id, meta={"round": round_})))
                 self.history.seconds[c.node_id] = self.history.seconds.get(c.node_id, 0.0) + time.perf_counter() - t0
