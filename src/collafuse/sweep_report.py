@@ -132,7 +132,8 @@ def _plot(rows: list[dict], timesteps: int, path: Path, title: str, ylabel: str,
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a series can be empty (e.g. no uploads when the only cut is T)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
