@@ -82,21 +82,15 @@ def cmd_run(args) -> int:
 
 def cmd_sample(args) -> int:
     from .report import write_client_images
-    from .runner import Federation
+    from .runner import load_run
     from .transport import MessageLog
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"run_dir = '{run_dir}' has no config.toml (expected a directory written by collafuse run)")
-    cfg = load_config(run_dir / "config.toml", _with_device(args.overrides, args.device))
-    if not 0 <= args.client < cfg.data.num_clients:
-        raise ConfigError(f"--client = {args.client} is invalid (allowed: 0..{cfg.data.num_clients - 1})")
     if args.n < 1:
         raise ConfigError(f"--n = {args.n} is invalid (allowed: an integer >= 1)")
     out = Path(args.out)
-    fed = Federation(cfg, log=MessageLog(out / "message_log.jsonl"))
-    if not fed.restore(run_dir / "checkpoints"):
-        raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint; train first with collafuse run")
+    fed = load_run(Path(args.run_dir), _with_device(args.overrides, args.device), MessageLog(out / "message_log.jsonl"))
+    if not 0 <= args.client < fed.cfg.data.num_clients:
+        raise ConfigError(f"--client = {args.client} is invalid (allowed: 0..{fed.cfg.data.num_clients - 1})")
     out.mkdir(parents=True, exist_ok=True)
     fed.set_progress(not args.quiet)
     write_client_images(fed, args.client, args.n, out, real=False)

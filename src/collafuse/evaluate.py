@@ -19,27 +19,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, latest_checkpoint, write_text_atomic
+from .checkpoint import latest_checkpoint, write_text_atomic
 from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting
-from .config import Config, ConfigError, load_config
+from .config import Config
 from .disclosure import disclosure_report
 from .features import get_extractor
 from .fidelity import compare_label_mix, fid_kid
 from .protocol import SERVER
-from .runner import Federation
+from .runner import Federation, load_run
 from .seeding import generator
-
-
-def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Federation:
-    """A Federation restored from a run directory's latest checkpoint (message log in memory only)."""
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"run_dir = '{run_dir}' has no config.toml (expected a directory written by collafuse run)")
-    cfg = load_config(run_dir / "config.toml", overrides)
-    fed = Federation(cfg)
-    if not fed.restore(run_dir / "checkpoints"):
-        raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint; train first with collafuse run")
-    return fed
 
 
 def generated_samples(fed: Federation, run_dir: Path, client: int, n: int) -> dict[str, torch.Tensor]:

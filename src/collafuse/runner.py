@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import Client
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .data import ClientData, load_client_datasets
 from .protocol import SERVER, Message
 from .server import Server
@@ -141,3 +141,13 @@ class Federation:
     def set_progress(self, show: bool) -> None:
         for role in (self.server, *self.clients):
             role.show_progress = show
+
+
+def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), log: MessageLog | None = None) -> Federation:
+    """A Federation restored from a run directory's config.toml and latest checkpoint (log in memory by default)."""
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"run_dir = '{run_dir}' has no config.toml (expected a directory written by collafuse run)")
+    fed = Federation(load_config(run_dir / "config.toml", overrides), log=log)
+    if not fed.restore(run_dir / "checkpoints"):
+        raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint; train first with collafuse run")
+    return fed
