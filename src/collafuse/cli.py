@@ -20,6 +20,15 @@ from .data import DataError
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
+class LaunchErrorProxy:
+    """``collafuse.flower.launch.LaunchError`` without importing flwr for the other commands."""
+
+    @staticmethod
+    def types() -> tuple[type[BaseException], ...]:
+        mod = sys.modules.get("collafuse.flower.launch")
+        return (mod.LaunchError,) if mod is not None else ()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collafuse", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +67,38 @@ def _parser() -> argparse.ArgumentParser:
                     help="config overrides for every run, e.g. --set train.rounds=40")
     sw.add_argument("--device", help="torch device, overrides run.device")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
+                                           "after)")
+    fs.add_argument("config", help="TOML config, e.g. configs/flower.toml")
+    fs.add_argument("--out", required=True, help="server run directory (checkpoints, message log, metrics.json); "
+                                                 "client states go to OUT/nodes/")
+    fs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. --set train.rounds=5")
+    fs.add_argument("--samples", type=int, help="images per client after training (default sample.n_per_client)")
+
+    fd = sub.add_parser("flower-deploy", help="loopback deployment: TLS + authenticated SuperLink and one "
+                                              "SuperNode per client on 127.0.0.1; train, sample, tear down")
+    fd.add_argument("config", help="TOML config, e.g. configs/flower.toml")
+    fd.add_argument("--out", required=True, help="work directory (PKI, per-site data and state, server run)")
+    fd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. --set train.rounds=2")
+    fd.add_argument("--samples", type=int, help="images per client after training (default sample.n_per_client)")
+
+    pk = sub.add_parser("flower-pki", help="make a CA, a SuperLink certificate and SuperNode key pairs for a TLS + "
+                                           "authenticated Flower deployment")
+    pk.add_argument("--out", required=True, help="directory for ca.crt/ca.key, server.pem/server.key, keys/")
+    pk.add_argument("--host", action="append", default=[], metavar="ADDRESS",
+                    help="the SuperLink's IP address or DNS name as clients will dial it (repeatable; "
+                         "default 127.0.0.1 and localhost)")
+    pk.add_argument("--nodes", default="", help="comma-separated SuperNode names to make key pairs for, e.g. "
+                                                "site0,site1 (a site can instead make its own with --nodes NAME)")
+
+    ex = sub.add_parser("export-client-data", help="write each client's partition as its own IDX folder (what a "
+                                                   "deployed client node reads)")
+    ex.add_argument("config", help="TOML config")
+    ex.add_argument("--out", required=True, help="directory; gets client0/, client1/, ...")
+    ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -124,17 +165,69 @@ def cmd_sweep(args, argv: list[str] | None = None) -> int:
     return 0
 
 
+def cmd_flower(args) -> int:
+    from .flower.launch import deploy_loopback, simulate
+
+    load_config(args.config, args.overrides)  # bad input fails here, before any process starts
+    if args.samples is not None and args.samples < 0:
+        raise ConfigError(f"--samples = {args.samples} is invalid (allowed: an integer >= 0)")
+    run = simulate if args.command == "flower-sim" else deploy_loopback
+    try:
+        m = run(Path(args.config), Path(args.out), args.overrides, samples=args.samples)
+    except KeyboardInterrupt:
+        print("\ninterrupted; every Flower process started was stopped. The same command resumes from the last "
+              "round.", file=sys.stderr)
+        return 130
+    rs = m["round_seconds_this_session"]
+    print(f"{m['rounds_done']} rounds over Flower ({sum(rs) / max(1, len(rs)):.1f} s per round this session), "
+          f"samples finished on the clients: {m['samples_finished']}")
+    for e in m["events"]:
+        print(f"  note: {e}")
+    return 0
+
+
+def cmd_pki(args) -> int:
+    from .flower.pki import make_ca, make_node_key, make_server_cert
+
+    out = Path(args.out)
+    nodes = [n for n in args.nodes.split(",") if n]
+    bad = [n for n in nodes if not n.replace("-", "").replace("_", "").isalnum()]
+    if bad:
+        raise ConfigError(f"--nodes = {args.nodes!r} is invalid (allowed: names of letters, digits, '-' and '_')")
+    if not (out / "ca.crt").is_file():
+        make_ca(out)
+        make_server_cert(out, args.host or ["127.0.0.1", "localhost"])
+        print(f"CA: {out}/ca.crt (give to every site), SuperLink: {out}/server.pem + server.key")
+    for n in nodes:
+        _, pub = make_node_key(out, n)
+        print(f"{n}: private key {out}/keys/{n} (stays on the site), public key {pub} (register on the SuperLink)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .data import export_client_folders
+
+    cfg = load_config(args.config, args.overrides)
+    for d in export_client_folders(cfg.data, cfg.num_classes, cfg.seeds.data, Path(args.out)):
+        print(d)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for a model hub
     args = _parser().parse_args(argv)
     try:
         if args.command == "sweep":
             return cmd_sweep(args, argv)
-        commands = {"run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate}
+        commands = {"run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate, "flower-sim": cmd_flower,
+                    "flower-deploy": cmd_flower, "export-client-data": cmd_export, "flower-pki": cmd_pki}
         return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LaunchErrorProxy.types() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ and finishes sampling from the server's hand-off x_cut.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -14,9 +15,11 @@ from .data import ClientData
 from .diffusion import DiffusionSchedule, denoise, split_timesteps
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps
-from .protocol import SERVER, Message, ProtocolError, client_node
+from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
 from .seeding import generator as make_generator
 from .transport import Transport
+
+logger = logging.getLogger("collafuse.client")
 
 
 class Client:
@@ -44,6 +47,13 @@ class Client:
         self._upload: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (view number, u, y)
         self._train_x = data.train_x.to(self.device)
         self._train_y = data.train_y.to(self.device)
+        # The last round trained and its loss: a repeated train_request (the server restarted, or re-sent after a
+        # lost reply) is answered from here instead of training twice, so delivery may be at-least-once.
+        self.rounds_done = 0
+        self.last_loss = math.nan
+        self.limits = ContentLimits.from_config(cfg)
+        self._pending_y: torch.Tensor | None = None  # labels of the sample_request awaiting its hand-off
+        self.finished: list[dict[str, torch.Tensor]] = []  # samples finished on server orders (Flower), not yet saved
         self.show_progress = False
 
     @property
@@ -85,17 +95,44 @@ class Client:
             return math.nan
         return sum(self.train_step() for _ in range(steps)) / steps
 
+    def train_round(self, round_: int, steps: int) -> float:
+        """Train for round ``round_`` once: a request for a round already done returns its loss again."""
+        if round_ > self.rounds_done:
+            self.last_loss = self.train(steps)
+            self.rounds_done = round_
+        return self.last_loss
+
     def handle(self, msg: Message) -> Message | None:
-        """Answer the server's instructions. Only the upload (x_cut, y) and an aggregate loss ever leave."""
+        """Answer the server's instructions. Only the upload (x_cut, y), an aggregate loss and the labels of a
+        sampling request ever leave; the final samples stay here."""
         if msg.kind == "upload_request":
             u, y = self.upload(int(msg.meta["round"]))
             return Message("upload", self.node_id, SERVER, {"x_cut": u, "y": y}, {"round": msg.meta["round"]})
         if msg.kind == "train_request":
-            loss = self.train(int(msg.meta["steps"]))
+            loss = self.train_round(int(msg.meta["round"]), int(msg.meta["steps"]))
             meta = {"round": msg.meta["round"], "steps": int(msg.meta["steps"])}
             if not math.isnan(loss):
                 meta["loss"] = loss
             return Message("train_reply", self.node_id, SERVER, meta=meta)
+        if msg.kind == "sample_order":
+            check_content(msg, self.limits)
+            self._pending_y = self.sample_labels(int(msg.meta["n"]))
+            return Message("sample_request", self.node_id, SERVER, {"y": self._pending_y})
+        if msg.kind == "sample_response":
+            check_content(msg, self.limits)
+            y = self._pending_y
+            if y is None or len(y) != len(msg.arrays["x_cut"]):
+                raise ProtocolError(f"sample_response with {len(msg.arrays['x_cut'])} hand-offs, but {self.node_id} "
+                                    f"awaits {0 if y is None else len(y)}")
+            x0 = self.finish(msg.arrays["x_cut"], y)
+            self.finished.append({"x0": x0.cpu(), "x_cut": msg.arrays["x_cut"].cpu(), "y": y.cpu()})
+            self._pending_y = None
+            return Message("sample_done", self.node_id, SERVER, meta={"n": len(y)})
+        if msg.kind == "join_request":
+            return Message("join", self.node_id, SERVER)
+        if msg.kind == "error":
+            logger.warning("server refused a message from %s: %s", self.node_id, msg.meta["reason"])
+            return None
         raise ProtocolError(f"{self.node_id} cannot handle message kind {msg.kind!r}")
 
     # -- sampling -----------------------------------------------------------------------------------------------------
@@ -148,7 +185,15 @@ class Client:
 
     # -- checkpoint state: everything the node must keep to resume exactly lives in its Learner ---------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return self.learner.state()
+        tensors, meta = self.learner.state()
+        meta["rounds_done"] = self.rounds_done
+        meta["last_loss"] = None if math.isnan(self.last_loss) else self.last_loss
+        if self._pending_y is not None:
+            tensors["pending_y"] = self._pending_y.contiguous()
+        return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.learner.load_state(tensors, meta)
+        self.rounds_done = int(meta.get("rounds_done", 0))  # 0 for checkpoints from before the field
+        self.last_loss = math.nan if meta.get("last_loss") is None else float(meta["last_loss"])
+        self._pending_y = tensors.get("pending_y")

@@ -58,6 +58,8 @@ class SplitConfig:
     # Re-draw each image's cut noise every round: more training diversity for the server, but K rounds hand it K
     # independent views whose average has noise sqrt(1 - abar_s / K): less privacy (split-protocol.md). Off.
     fresh_upload_noise: bool = False
+    # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
+    max_upload_images: int = 100_000
 
 
 @dataclass
@@ -95,6 +97,9 @@ class SampleConfig:
     n_per_client: int = 36  # images per client grid
     batch_size: int = 128  # one sampling request per client per batch (coarse messages)
     use_ema: bool = True
+    # Class ids any client may request hand-offs for. Every other label is private to the clients that uploaded it:
+    # the server refuses a sampling request for a label that the requesting client never uploaded.
+    shared_labels: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -171,7 +176,8 @@ class Config:
             section = {k: v for k, v in dataclasses.asdict(getattr(self, f.name)).items() if v is not None}
             out[f.name] = section
         # resolved: a ratio is written as the step it resolved to
-        out["split"] = {"cut": self.cut, "fresh_upload_noise": self.split.fresh_upload_noise}
+        out["split"] = {"cut": self.cut, "fresh_upload_noise": self.split.fresh_upload_noise,
+                        "max_upload_images": self.split.max_upload_images}
         return out
 
     def to_toml(self) -> str:
@@ -349,6 +355,9 @@ def validate(cfg: Config) -> None:
     _require(sp.guidance_scale >= 0, "sample.guidance_scale", sp.guidance_scale, "a number >= 0")
     _require(sp.n_per_client >= 1, "sample.n_per_client", sp.n_per_client, "an integer >= 1")
     _require(sp.batch_size >= 1, "sample.batch_size", sp.batch_size, "an integer >= 1")
+    _require(all(isinstance(c, int) and 0 <= c < n_classes for c in sp.shared_labels), "sample.shared_labels",
+             sp.shared_labels, f"a list of class ids in [0, {n_classes - 1}]")
+    _require(s.max_upload_images >= 1, "split.max_upload_images", s.max_upload_images, "an integer >= 1")
     _require(cfg.run.threads >= 0, "run.threads", cfg.run.threads, "an integer >= 0")
     ev = cfg.eval
     for key in ("n_samples", "disclosure_n", "distractors"):

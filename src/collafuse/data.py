@@ -141,3 +141,47 @@ def load_client_datasets(cfg: DataConfig, num_classes: int, seed: int) -> list[C
             test_y=torch.from_numpy(arrays["test_y"][te].astype(np.int64)),
         ))
     return clients
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzip IDX file (the Fashion-MNIST format; read back by ``read_idx``)."""
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wb") as f:
+        f.write(header + a.tobytes())
+    tmp.replace(path)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Inverse of ``to_model_range`` (exact: every value came from a uint8)."""
+    return ((x.squeeze(1).numpy().astype(np.float64) + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def export_client_folders(cfg: DataConfig, num_classes: int, seed: int, out_dir: Path) -> list[Path]:
+    """Write each client's partition as its own Fashion-MNIST-layout folder ``out_dir/client<i>/`` (the four IDX
+    files), so a deployed client node can be given only its own images (``data-dir`` in its node config)."""
+    paths = []
+    for c in load_client_datasets(cfg, num_classes, seed):
+        d = Path(out_dir) / f"client{c.index}"
+        d.mkdir(parents=True, exist_ok=True)
+        for key, x in (("train_x", c.train_x), ("test_x", c.test_x)):
+            write_idx(d / FASHION_MNIST_FILES[key], _to_uint8(x))
+        for key, y in (("train_y", c.train_y), ("test_y", c.test_y)):
+            write_idx(d / FASHION_MNIST_FILES[key], y.numpy().astype(np.uint8))
+        paths.append(d)
+    return paths
+
+
+def load_client_folder(root: str | Path, index: int, num_classes: int) -> ClientData:
+    """All the images of one client's own folder (Fashion-MNIST layout, e.g. written by ``export_client_folders``):
+    what a deployed client node reads, and all it reads."""
+    arrays = load_fashion_mnist(root)
+    for key in ("train_y", "test_y"):
+        if len(arrays[key]) and int(arrays[key].max()) >= num_classes:
+            raise DataError(f"{root}: labels up to {int(arrays[key].max())} (allowed: [0, {num_classes - 1}])")
+    if len(arrays["train_x"]) == 0:
+        raise DataError(f"{root}: no training images for client {index}")
+    return ClientData(index, to_model_range(arrays["train_x"]),
+                      torch.from_numpy(arrays["train_y"].astype(np.int64)),
+                      to_model_range(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)))

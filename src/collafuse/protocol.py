@@ -11,6 +11,22 @@ against it, so x0, epsilon, client weights or gradients cannot leave a node by a
 | train_reply     | client -> server | -                                   | round, steps, loss  |
 | sample_request  | client -> server | y int64 [n]                         | -                   |
 | sample_response | server -> client | x_cut float32 [n,C,H,W]             | -                   |
+| sample_order    | server -> client | -                                   | n                   |
+| sample_done     | client -> server | -                                   | n                   |
+| error           | either           | -                                   | reason              |
+| join_request    | server -> client | -                                   | -                   |
+| join            | client -> server | -                                   | -                   |
+
+In process a client asks for hand-offs itself (``sample_request``). Over Flower only the server can start an
+exchange, so it first sends ``sample_order`` (n images); the client answers with its ``sample_request``, the server
+sends the ``sample_response``, and the client finishes locally and answers ``sample_done``: the final images never
+leave the client. ``error`` is the reply to a message that was refused; it names why and carries no data.
+``join_request`` / ``join`` let a networked server learn which client a newly connected node is (the reply's
+sender); the receiver of a ``join_request`` is ``client*``, since the server does not know it yet.
+
+``check_message`` checks what any transport can check (kinds, directions, array names, dtypes, ranks, finiteness,
+meta). ``check_content`` checks what needs the run's configuration (image shape, label range, batch limits); the
+receiving role calls it, because the receiver is the one whose rules apply.
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class MessageSpec:
-    direction: str  # "c2s" or "s2c"
+    direction: str  # "c2s", "s2c" or "any"
     arrays: dict[str, tuple[torch.dtype, int]]  # name -> (dtype, ndim)
     meta: frozenset[str]
 
@@ -51,7 +67,14 @@ SPECS: dict[str, MessageSpec] = {
     "train_reply": MessageSpec("c2s", {}, frozenset({"round", "steps", "loss"})),
     "sample_request": MessageSpec("c2s", {"y": (torch.int64, 1)}, frozenset()),
     "sample_response": MessageSpec("s2c", {"x_cut": (torch.float32, 4)}, frozenset()),
+    "sample_order": MessageSpec("s2c", {}, frozenset({"n"})),
+    "sample_done": MessageSpec("c2s", {}, frozenset({"n"})),
+    "error": MessageSpec("any", {}, frozenset({"reason"})),
+    "join_request": MessageSpec("s2c", {}, frozenset()),
+    "join": MessageSpec("c2s", {}, frozenset()),
 }
+
+ANY_CLIENT = "client*"  # receiver of a join_request
 
 
 @dataclass
@@ -88,7 +111,7 @@ def check_message(msg: Message) -> None:
         raise ProtocolError(f"message kind {msg.kind!r} is not allowed (allowed: {', '.join(SPECS)})")
     c2s = msg.receiver == SERVER and msg.sender.startswith("client")
     s2c = msg.sender == SERVER and msg.receiver.startswith("client")
-    if not ((spec.direction == "c2s" and c2s) or (spec.direction == "s2c" and s2c)):
+    if not ((spec.direction in ("c2s", "any") and c2s) or (spec.direction in ("s2c", "any") and s2c)):
         raise ProtocolError(f"{msg.kind} from {msg.sender} to {msg.receiver} is not allowed ({spec.direction})")
     if set(msg.arrays) != set(spec.arrays):
         raise ProtocolError(f"{msg.kind} carries arrays {sorted(msg.arrays)} (allowed: exactly {sorted(spec.arrays)})")
@@ -108,3 +131,42 @@ def check_message(msg: Message) -> None:
     for k, v in msg.meta.items():
         if not isinstance(v, (int, float, str, bool)) or (isinstance(v, float) and not math.isfinite(v)):
             raise ProtocolError(f"{msg.kind} meta {k} = {v!r} is not allowed (finite scalars only)")
+
+
+@dataclass(frozen=True)
+class ContentLimits:
+    """What a well-formed message of this run looks like beyond its dtypes: the receiver's rules.
+
+    Args:
+        image_shape (`tuple[int, int, int]`): (C, H, W) of every image array.
+        num_classes (`int`): labels must lie in [0, num_classes).
+        max_upload (`int`): most images one upload may carry (guards the server's memory).
+        max_sample_batch (`int`): most images one sampling request may ask for (``sample.batch_size``).
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    max_upload: int
+    max_sample_batch: int
+
+    @classmethod
+    def from_config(cls, cfg) -> ContentLimits:
+        return cls(tuple(cfg.image_shape), cfg.num_classes, cfg.split.max_upload_images, cfg.sample.batch_size)
+
+
+def check_content(msg: Message, limits: ContentLimits) -> None:
+    """Raise ``ProtocolError`` if a message's arrays do not fit this run: wrong image shape, a label out of range,
+    an empty or oversized batch. Call after ``check_message``."""
+    x = msg.arrays.get("x_cut")
+    if x is not None and tuple(x.shape[1:]) != tuple(limits.image_shape):
+        raise ProtocolError(f"{msg.kind}.x_cut has image shape {list(x.shape[1:])} "
+                            f"(allowed: {list(limits.image_shape)})")
+    y = msg.arrays.get("y")
+    if y is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= limits.num_classes):
+        raise ProtocolError(f"{msg.kind}.y holds labels in [{int(y.min())}, {int(y.max())}] "
+                            f"(allowed: [0, {limits.num_classes - 1}])")
+    n = next(iter(msg.arrays.values())).shape[0] if msg.arrays else int(msg.meta.get("n", 1))
+    cap = {"upload": limits.max_upload, "sample_request": limits.max_sample_batch,
+           "sample_response": limits.max_sample_batch, "sample_order": limits.max_sample_batch}.get(msg.kind)
+    if cap is not None and not 1 <= n <= cap:
+        raise ProtocolError(f"{msg.kind} carries {n} images (allowed: 1 to {cap})")

@@ -4,14 +4,16 @@ The loop is the server's orchestration: it talks to clients only through the tra
 (Flower) runs the same rounds. Each round:
 
 1. every client without a cached upload on the server answers an ``upload_request`` (first round only; every
-   round with ``split.fresh_upload_noise``);
-2. every client takes K local steps on t = 1..cut (``train_request`` -> ``train_reply`` with its mean loss);
+   round with ``split.fresh_upload_noise``), all clients at once (one coarse message each);
+2. every client takes K local steps on t = 1..cut (``train_request`` -> ``train_reply`` with its mean loss); a
+   client that drops out or whose reply is refused sits the round out and the round completes without it;
 3. the server takes S steps on t = cut+1..T from the mixed uploads;
 4. a checkpoint of every node is written atomically.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,9 +26,11 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sav
 from .client import Client
 from .config import Config, ConfigError, load_config
 from .data import ClientData, load_client_datasets
-from .protocol import SERVER, Message
+from .protocol import SERVER, Message, client_index
 from .server import Server
-from .transport import InProcessTransport, MessageLog
+from .transport import Delivery, InProcessTransport, MessageLog, Transport, handle_checked
+
+logger = logging.getLogger("collafuse.runner")
 
 
 @dataclass
@@ -49,52 +53,111 @@ class History:
         return cls(d["losses"], d["seconds"], d["rounds_done"])
 
 
-class Federation:
-    """A server, N clients and an in-process transport, built from one config.
+class Orchestrator:
+    """The server side of a run: the round loop, driven only through a transport, and per-round checkpoints of the
+    nodes that live in this process. ``Federation`` (everything in one process) and the Flower ServerApp
+    (collafuse.flower.server_app: only the server here, clients on their own nodes) both run this loop.
 
     Args:
         cfg (`Config`): the run configuration.
-        clients_data (`list[ClientData]`, *optional*): the clients' data; loaded from ``cfg.data`` when omitted.
-        log (`MessageLog`, *optional*): message log; in memory when omitted.
+        server (`Server`): the server role.
+        transport (`Transport`): how requests reach the clients.
+        client_ids (`list[str]`): the clients of the run (``client0``...).
+        local_roles (`list`): the roles whose state this process checkpoints (the server, plus in-process clients).
     """
 
-    def __init__(self, cfg: Config, clients_data: list[ClientData] | None = None, log: MessageLog | None = None):
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+    def __init__(self, cfg: Config, server: Server, transport: Transport, client_ids: list[str], local_roles: list):
         self.cfg = cfg
-        data = clients_data if clients_data is not None else load_client_datasets(
-            cfg.data, cfg.num_classes, cfg.seeds.data)
-        self.server = Server(cfg)
-        self.clients = [Client(i, d, cfg) for i, d in enumerate(data)]
-        self.log = log or MessageLog()
-        self.transport = InProcessTransport([self.server, *self.clients], self.log)
+        self.server = server
+        self.transport = transport
+        self.client_ids = list(client_ids)
+        self.local_roles = list(local_roles)
         self.history = History()
+        self.events: list[str] = []  # dropped or refused clients, one line each (also logged)
+
+    def _note(self, line: str) -> None:
+        logger.warning(line)
+        self.events.append(line)
+
+    def _tell(self, node: str, reason: str) -> None:
+        """Send a client the ``error`` that says why its message was refused (once; its answer does not matter)."""
+        self.transport.exchange([Message("error", SERVER, node, meta={"reason": reason[:500]})])
+
+    def _to_server(self, deliveries: list[Delivery], context: str) -> dict[str, tuple[Message, Message | None]]:
+        """Hand every usable reply to the server (checked; a refusal is logged and told to the client, never
+        raised). Returns, by client, the accepted reply and the server's answer to it."""
+        accepted = {}
+        for d in deliveries:
+            node = d.request.receiver
+            if d.error is not None:
+                self._note(f"{context}: {node} skipped ({d.error})")
+                if d.refused:
+                    self._tell(node, d.error)
+                continue
+            answer = handle_checked(self.server, d.reply, self.transport.log)
+            if answer is not None and answer.kind == "error":
+                self._note(f"{context}: {node} skipped (refused {d.reply.kind}: {answer.meta['reason']})")
+                self._tell(node, answer.meta["reason"])
+                continue
+            accepted[node] = (d.reply, answer)
+        return accepted
+
+    def _timed(self, deliveries: list[Delivery]) -> list[Delivery]:
+        for d in deliveries:
+            node = d.request.receiver
+            self.history.seconds[node] = self.history.seconds.get(node, 0.0) + d.seconds
+        return deliveries
 
     # -- one round ----------------------------------------------------------------------------------------------------
     def run_round(self, round_: int) -> dict[str, float]:
-        cfg, tp, server = self.cfg, self.transport, self.server
+        """Uploads where the server lacks one (or every round with fresh noise), K client steps per client, S server
+        steps. A client that does not answer or whose reply is refused sits the round out; the round completes."""
+        cfg, server = self.cfg, self.server
+        need_upload = [c for c in self.client_ids
+                       if server.trains and (client_index(c) not in server.uploads or cfg.split.fresh_upload_noise)]
+        if need_upload:
+            self._to_server(self._timed(self.transport.exchange(
+                [Message("upload_request", SERVER, c, meta={"round": round_}) for c in need_upload])),
+                f"round {round_}")
+        meta = {"round": round_, "steps": cfg.train.client_steps}
+        replies = self._to_server(self._timed(self.transport.exchange(
+            [Message("train_request", SERVER, c, meta=dict(meta)) for c in self.client_ids])), f"round {round_}")
         losses = {}
-        for c in self.clients:
-            if server.trains and (c.index not in server.uploads or cfg.split.fresh_upload_noise):
-                t0 = time.perf_counter()
-                server.handle(tp.request(Message("upload_request", SERVER, c.node_id, meta={"round": round_})))
-                self.history.seconds[c.node_id] = self.history.seconds.get(c.node_id, 0.0) + time.perf_counter() - t0
-        for c in self.clients:
-            t0 = time.perf_counter()
-            meta = {"round": round_, "steps": cfg.train.client_steps}
-            reply = tp.request(Message("train_request", SERVER, c.node_id, meta=meta))
-            server.handle(reply)
-            losses[c.node_id] = reply.meta.get("loss", math.nan)
-            self.history.add(c.node_id, losses[c.node_id], time.perf_counter() - t0)
+        for c in self.client_ids:
+            loss = replies[c][0].meta.get("loss", math.nan) if c in replies else math.nan
+            self.history.losses.setdefault(c, []).append(None if math.isnan(loss) else loss)
+            losses[c] = loss
         t0 = time.perf_counter()
         losses[SERVER] = server.train(cfg.train.server_steps)
         self.history.add(SERVER, losses[SERVER], time.perf_counter() - t0)
         self.history.rounds_done = round_
         return losses
 
+    def order_samples(self, n_per_client: int) -> dict[str, int]:
+        """Server-initiated sampling (how Flower must do it): per batch, every client gets a ``sample_order``, answers
+        with its ``sample_request``, receives the hand-offs and finishes locally; the final images stay with the
+        clients. Returns the number of images each client reported finished."""
+        done = dict.fromkeys(self.client_ids, 0)
+        if not self.server.trains:
+            return done  # cut = T: clients sample on their own; nothing to order
+        batch = self.cfg.sample.batch_size
+        for start in range(0, n_per_client, batch):
+            n = min(batch, n_per_client - start)
+            accepted = self._to_server(self.transport.exchange(
+                [Message("sample_order", SERVER, c, meta={"n": n}) for c in self.client_ids]), "sampling")
+            responses = [answer for _, answer in accepted.values() if answer is not None]
+            if not responses:
+                continue
+            for d in self.transport.exchange(responses):
+                if d.error is not None:
+                    self._note(f"sampling: {d.request.receiver} skipped ({d.error})")
+                elif d.reply is not None and d.reply.kind == "sample_done":
+                    done[d.request.receiver] += int(d.reply.meta["n"])
+        return done
+
     # -- checkpoints ---------------------------------------------------------------------------------------------------
     def node_states(self) -> dict:
-        return {SERVER: self.server.state(), **{c.node_id: c.state() for c in self.clients}}
+        return {r.node_id: r.state() for r in self.local_roles}
 
     def save(self, ckpt_dir: Path) -> Path:
         run_state = {"config_hash": self.cfg.identity_hash(), "history": self.history.to_dict()}
@@ -106,13 +169,12 @@ class Federation:
         if path is None:
             return False
         nodes, state = load_checkpoint(path, self.cfg.identity_hash())
-        expected = {SERVER, *(c.node_id for c in self.clients)}
+        expected = {r.node_id for r in self.local_roles}
         if set(nodes) != expected:
             raise CheckpointError(f"checkpoint {path} holds nodes {sorted(nodes)}, this run has {sorted(expected)}")
         try:
-            self.server.load_state(*nodes[SERVER])
-            for c in self.clients:
-                c.load_state(*nodes[c.node_id])
+            for r in self.local_roles:
+                r.load_state(*nodes[r.node_id])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit the configured models: {e}") from None
         self.history = History.from_dict(state["history"])
@@ -133,6 +195,27 @@ class Federation:
             if on_round is not None:
                 on_round(round_)
         return self.history
+
+
+class Federation(Orchestrator):
+    """A server, N clients and an in-process transport, built from one config.
+
+    Args:
+        cfg (`Config`): the run configuration.
+        clients_data (`list[ClientData]`, *optional*): the clients' data; loaded from ``cfg.data`` when omitted.
+        log (`MessageLog`, *optional*): message log; in memory when omitted.
+    """
+
+    def __init__(self, cfg: Config, clients_data: list[ClientData] | None = None, log: MessageLog | None = None):
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        data = clients_data if clients_data is not None else load_client_datasets(
+            cfg.data, cfg.num_classes, cfg.seeds.data)
+        server = Server(cfg)
+        self.clients = [Client(i, d, cfg) for i, d in enumerate(data)]
+        self.log = log or MessageLog()
+        transport = InProcessTransport([server, *self.clients], self.log)
+        super().__init__(cfg, server, transport, [c.node_id for c in self.clients], [server, *self.clients])
 
     def sample(self, client: int, n: int, generator: torch.Generator | None = None) -> dict:
         c = self.clients[client]

@@ -6,6 +6,7 @@ It never receives x0, epsilon, client weights or gradients: everything it gets a
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,8 +16,10 @@ from .config import Config
 from .diffusion import DiffusionSchedule, denoise, split_timesteps
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps
-from .protocol import SERVER, Message, ProtocolError, client_index
+from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_index
 from .seeding import generator as make_generator
+
+logger = logging.getLogger("collafuse.server")
 
 
 class Server:
@@ -40,6 +43,11 @@ class Server:
                                make_generator(cfg.seeds.sample, SERVER), str(self.device))
         self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)
         self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The labels each client uploaded: the only labels it may request hand-offs for (plus sample.shared_labels).
+        # Kept in the checkpoint, so the rule survives a restart before the uploads are re-sent. None: a checkpoint
+        # from before the rule, where the server cannot know them and does not enforce it.
+        self.client_labels: dict[int, set[int]] | None = {}
+        self.limits = ContentLimits.from_config(cfg)
         self.show_progress = False
 
     @property
@@ -54,7 +62,20 @@ class Server:
             if old_u.shape == x_cut.shape and torch.equal(old_u.cpu(), x_cut) and torch.equal(old_y.cpu(), y):
                 return  # the same view again (e.g. after a restart): nothing new
         self.uploads[client] = (x_cut.to(self.device), y.to(self.device))
+        if self.client_labels is not None:
+            self.client_labels[client] = {int(c) for c in torch.unique(y)}
         self._pool = None
+
+    def check_sample_labels(self, client: int, y: torch.Tensor) -> None:
+        """Refuse labels that are private to other clients: a client may ask only for the classes it uploaded and
+        for ``sample.shared_labels`` (with cut = 0 too: the labels still came with its upload)."""
+        if self.client_labels is None:
+            return
+        allowed = self.client_labels.get(client, set()) | set(self.cfg.sample.shared_labels)
+        asked = {int(c) for c in torch.unique(y)}
+        if not asked <= allowed:
+            raise ProtocolError(f"sample_request from client{client} asks for labels {sorted(asked - allowed)} that "
+                                f"it never uploaded (allowed: {sorted(allowed)}; share more with sample.shared_labels)")
 
     def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All uploads, mixed: (x_cut, y, client index), in client order so the pool is the same after a restart."""
@@ -108,25 +129,38 @@ class Server:
             return denoise(eps_fn, x, steps, sched, gen, bar.update).float().cpu()
 
     def handle(self, msg: Message) -> Message | None:
+        """Act on a client's message. Everything is checked before anything changes, so a refused message
+        (``ProtocolError``) leaves the server exactly as it was."""
         sender = client_index(msg.sender)
         if sender >= self.cfg.data.num_clients:
             raise ProtocolError(f"{msg.sender} is not a client of this run ({self.cfg.data.num_clients} clients)")
+        check_content(msg, self.limits)
         if msg.kind == "upload":
+            if not self.trains:
+                raise ProtocolError(f"upload from {msg.sender}: the server owns no step at cut = T")
             self.receive_upload(sender, msg.arrays["x_cut"], msg.arrays["y"])
             return None
-        if msg.kind == "train_reply":
+        if msg.kind in ("train_reply", "sample_done"):
+            return None
+        if msg.kind == "error":
+            logger.warning("%s reported an error: %s", msg.sender, msg.meta["reason"])
             return None
         if msg.kind == "sample_request":
-            y = msg.arrays["y"]
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.cfg.num_classes):
-                raise ProtocolError(f"sample_request labels outside [0, {self.cfg.num_classes - 1}]")
-            x_cut = self.sample_to_cut(y, sender)
+            if not self.trains:
+                raise ProtocolError(f"sample_request from {msg.sender}: the server owns no step at cut = T")
+            self.check_sample_labels(sender, msg.arrays["y"])
+            x_cut = self.sample_to_cut(msg.arrays["y"], sender)
             return Message("sample_response", SERVER, msg.sender, {"x_cut": x_cut})
         raise ProtocolError(f"server cannot handle message kind {msg.kind!r}")
 
     # -- checkpoint state: everything the node must keep to resume exactly lives in its Learner ---------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return self.learner.state()
+        tensors, meta = self.learner.state()
+        if self.client_labels is not None:
+            meta["client_labels"] = {str(k): sorted(v) for k, v in sorted(self.client_labels.items())}
+        return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.learner.load_state(tensors, meta)
+        labels = meta.get("client_labels")
+        self.client_labels = None if labels is None else {int(k): set(v) for k, v in labels.items()}

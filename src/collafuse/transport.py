@@ -2,19 +2,27 @@
 
 A transport delivers a request to the receiving role's ``handle`` and returns its reply. Both directions are
 checked against the protocol table (``protocol.check_message``) and written to the message log, so the log is a
-complete audit of what crossed. Other transports (Flower) implement ``request`` over the network.
+complete audit of what crossed. Other transports (collafuse.flower) implement ``exchange`` over the network.
+
+Failures are values, not crashes: ``exchange`` returns one ``Delivery`` per request, whose ``error`` says why no
+usable reply came back (the node is unavailable, or its reply was refused). A refused message is written to the log
+with ``rejected`` and its reason, and the receiving role answers with an ``error`` message instead of a reply.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .protocol import SERVER, Message, check_message
+from .protocol import SERVER, Message, ProtocolError, check_message
+
+logger = logging.getLogger("collafuse.transport")
 
 
 class Role(Protocol):
@@ -36,8 +44,11 @@ class MessageLog:
         if self.path is not None and self.path.exists():
             self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def append(self, msg: Message) -> None:
+    def append(self, msg: Message, rejected: str | None = None) -> None:
+        """Record a message; ``rejected`` (the reason) marks one that was refused and never reached its role."""
         record = {"seq": len(self.records), "time": round(time.time(), 3), **msg.summary()}
+        if rejected is not None:
+            record["rejected"] = rejected
         self.records.append(record)
         if self.path is not None:
             with self.path.open("a") as f:
@@ -48,6 +59,9 @@ class MessageLog:
         by_kind: dict[str, dict] = defaultdict(lambda: {"messages": 0, "bytes": 0})
         per_client: dict[str, dict] = defaultdict(lambda: {"uploaded_bytes": 0, "downloaded_bytes": 0})
         for r in self.records:
+            if r.get("rejected"):
+                by_kind["rejected"]["messages"] += 1
+                continue
             by_kind[r["kind"]]["messages"] += 1
             by_kind[r["kind"]]["bytes"] += r["bytes"]
             if r["receiver"] == SERVER:
@@ -56,21 +70,76 @@ class MessageLog:
                 per_client[r["receiver"]]["downloaded_bytes"] += r["bytes"]
         return {
             "messages": len(self.records),
-            "client_to_server_bytes": sum(r["bytes"] for r in self.records if r["receiver"] == SERVER),
-            "server_to_client_bytes": sum(r["bytes"] for r in self.records if r["sender"] == SERVER),
+            "client_to_server_bytes": sum(r["bytes"] for r in self.records
+                                          if r["receiver"] == SERVER and not r.get("rejected")),
+            "server_to_client_bytes": sum(r["bytes"] for r in self.records
+                                          if r["sender"] == SERVER and not r.get("rejected")),
             "by_kind": dict(sorted(by_kind.items())),
             "per_client": dict(sorted(per_client.items())),
         }
 
 
+class NodeUnavailable(RuntimeError):
+    """A node did not answer: it dropped out, timed out or is not connected."""
+
+
+@dataclass
+class Delivery:
+    """The outcome of one request: the checked reply, or why there is none.
+
+    Args:
+        request (`Message`): what was sent.
+        reply (`Message`, *optional*): the receiver's reply, checked; None if there is none or it was refused.
+        error (`str`, *optional*): why there is no usable reply (unavailable, refused, or the receiver's ``error``).
+        seconds (`float`): wall time from sending to the reply.
+        refused (`bool`): a reply arrived but failed the transport's checks; the sender should be told why.
+    """
+
+    request: Message
+    reply: Message | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    refused: bool = False
+
+
+def error_reply(msg: Message, reason: str) -> Message:
+    """The ``error`` message a role sends back instead of a reply to a message it refused."""
+    return Message("error", msg.receiver, msg.sender, meta={"reason": reason[:500]})
+
+
+def handle_checked(role: Role, msg: Message, log: MessageLog | None = None) -> Message | None:
+    """Deliver ``msg`` to ``role``; a ``ProtocolError`` raised while checking or handling it becomes an ``error``
+    reply and a log line, so a malformed message never crashes the receiver (the role checks before it mutates)."""
+    try:
+        check_message(msg)
+        return role.handle(msg)
+    except ProtocolError as e:
+        reason = str(e)
+        logger.warning("refused %s from %s: %s", msg.kind, msg.sender, reason)
+        if log is not None:
+            log.append(msg, rejected=reason)
+        return error_reply(msg, reason)
+
+
 class Transport(ABC):
-    """Delivers one request and returns the receiver's reply (or None)."""
+    """Delivers requests and returns the receivers' replies.
+
+    Subclasses implement ``exchange`` (a batch of requests, answered in any order; a network transport sends them
+    concurrently) and may override ``request`` (one request, failures raised)."""
 
     def __init__(self, log: MessageLog):
         self.log = log
 
     @abstractmethod
-    def request(self, msg: Message) -> Message | None: ...
+    def exchange(self, msgs: list[Message]) -> list[Delivery]: ...
+
+    def request(self, msg: Message) -> Message | None:
+        """One request; raises ``NodeUnavailable`` or ``ProtocolError`` where ``exchange`` would report an error."""
+        d = self.exchange([msg])[0]
+        if d.error is not None:
+            raise (NodeUnavailable if d.reply is None and d.error.startswith("unavailable") else ProtocolError)(
+                d.error)
+        return d.reply
 
 
 class InProcessTransport(Transport):
@@ -92,6 +161,20 @@ class InProcessTransport(Transport):
         return Message(msg.kind, msg.sender, msg.receiver,
                        {k: a.detach().clone() for k, a in msg.arrays.items()}, dict(msg.meta))
 
-    def request(self, msg: Message) -> Message | None:
-        reply = self.roles[msg.receiver].handle(self._deliver(msg))
+    def _roundtrip(self, msg: Message) -> Message | None:
+        reply = handle_checked(self.roles[msg.receiver], self._deliver(msg), self.log)
         return None if reply is None else self._deliver(reply)
+
+    def exchange(self, msgs: list[Message]) -> list[Delivery]:
+        out = []
+        for msg in msgs:
+            t0 = time.perf_counter()
+            if msg.receiver not in self.roles:
+                out.append(Delivery(msg, error=f"unavailable: {msg.receiver} is not connected"))
+                continue
+            reply = self._roundtrip(msg)
+            d = Delivery(msg, reply, seconds=time.perf_counter() - t0)
+            if reply is not None and reply.kind == "error":
+                d.reply, d.error = None, f"{reply.sender} refused {msg.kind}: {reply.meta['reason']}"
+            out.append(d)
+        return out

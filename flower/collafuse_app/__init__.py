@@ -1,0 +1,1 @@
+"""Import shims: the Flower components live in the installed package (collafuse.flower)."""

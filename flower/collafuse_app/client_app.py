@@ -1,0 +1,3 @@
+from collafuse.flower.client_app import app
+
+__all__ = ["app"]

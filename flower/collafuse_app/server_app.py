@@ -1,0 +1,3 @@
+from collafuse.flower.server_app import app
+
+__all__ = ["app"]

@@ -1,0 +1,198 @@
+"""What the ServerApp and the ClientApp share: the run configuration from Flower's run config, and a client node
+whose whole state lives in its own directory.
+
+Run config (``flwr run ... --run-config``, or ``[tool.flwr.app.config]`` in flower/pyproject.toml):
+
+- ``config``: path of the CollaFuse TOML (absolute, or relative to the process's working directory);
+- ``set``: ``;``-separated overrides, as ``--set`` takes them (``"train.rounds=2;split.cut=300"``);
+- ``out``: the server's run directory (checkpoints, message log, metrics); in simulation also the default parent
+  of the clients' state directories.
+
+Node config (``flower-supernode --node-config``; in simulation Flower sets ``partition-id``):
+
+- ``client-id`` (or ``partition-id``): which client this node is;
+- ``data-dir``: a folder holding only this client's images (``collafuse export-client-data`` writes them); without
+  it the node takes its partition of ``data.root`` (convenient in simulation, where all nodes share a machine);
+- ``state-dir``: where this client's model, optimizer, EMA, RNG and round counter are kept between messages
+  (default ``<out>/nodes/client<i>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from ..client import Client
+from ..config import Config, ConfigError, load_config
+from ..data import load_client_datasets, load_client_folder
+from ..images import save_grid
+from ..protocol import ANY_CLIENT, Message, ProtocolError, check_message, client_node
+from ..runner import Orchestrator
+from ..server import Server
+from ..transport import MessageLog, error_reply, handle_checked
+from .codec import decode, encode
+
+logger = logging.getLogger("collafuse.flower")
+
+# Messages after which the client's state has changed and is written back to its directory.
+_STATEFUL = {"train_request", "sample_order", "sample_response", "upload_request"}
+
+
+def config_from_run_config(run_config) -> Config:
+    if "config" not in run_config:
+        raise ConfigError("run config key 'config' is missing (allowed: the path of a CollaFuse TOML file)")
+    overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
+    return load_config(Path(str(run_config["config"])), overrides)
+
+
+def _node_int(node_config, key: str) -> int | None:
+    v = node_config.get(key)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key} = {v!r} is invalid (allowed: an integer)") from None
+
+
+class ClientNode:
+    """A ``Client`` role restored from its node's directory, for one message; saved back after it.
+
+    Args:
+        cfg (`Config`): the run configuration.
+        node_config (`Mapping`): this node's ``--node-config`` (see the module docstring).
+        out (`str`): the run's ``out`` (only for the default state directory).
+    """
+
+    def __init__(self, cfg: Config, node_config, out: str):
+        index = _node_int(node_config, "client-id")
+        index = _node_int(node_config, "partition-id") if index is None else index
+        if index is None or not 0 <= index < cfg.data.num_clients:
+            raise ConfigError(f"node config client-id = {index!r} is invalid "
+                              f"(allowed: an integer in [0, {cfg.data.num_clients - 1}])")
+        self.cfg = cfg
+        self.state_dir = Path(str(node_config.get("state-dir") or Path(out) / "nodes" / f"client{index}"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if node_config.get("data-dir"):
+            data = load_client_folder(str(node_config["data-dir"]), index, cfg.num_classes)
+        else:
+            data = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)[index]
+        self.role = Client(index, data, cfg)
+        self.saves = 0
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is not None:
+            nodes, state = load_checkpoint(ckpt, cfg.identity_hash())
+            self.role.load_state(*nodes[self.role.node_id])
+            self.saves = int(state["round"])
+        self.log = MessageLog(self.state_dir / "message_log.jsonl")
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    def save(self) -> None:
+        """Atomically write the role's state as the next save number (never overwriting the current one)."""
+        self.saves += 1
+        save_checkpoint(self.ckpt_dir, self.saves, {self.role.node_id: self.role.state()},
+                        {"config_hash": self.cfg.identity_hash(), "rounds_done": self.role.rounds_done})
+
+    def _keep_samples(self) -> None:
+        out = self.state_dir / "samples"
+        out.mkdir(exist_ok=True)
+        for batch in self.role.finished:
+            k = len(list(out.glob("batch_*.safetensors")))
+            save_file({k2: v.contiguous() for k2, v in batch.items()}, str(out / f"batch_{k:04d}.safetensors"))
+            save_grid(batch["x0"], out / f"batch_{k:04d}.png")
+        self.role.finished.clear()
+
+    def handle(self, content) -> Message | None:
+        """Decode, check and answer one message; a malformed one gets an ``error`` reply, never an exception."""
+        try:
+            msg = decode(content)
+            check_message(msg)
+            if msg.receiver not in (self.role.node_id, ANY_CLIENT):
+                raise ProtocolError(f"message for {msg.receiver} reached {self.role.node_id}")
+        except ProtocolError as e:
+            logger.warning("%s refused a message: %s", self.role.node_id, e)
+            return Message("error", self.role.node_id, "server", meta={"reason": str(e)[:500]})
+        self.log.append(msg)
+        reply = handle_checked(self.role, msg, self.log)
+        if msg.kind in _STATEFUL and (reply is None or reply.kind != "error"):
+            self.save()
+        if self.role.finished:
+            self._keep_samples()
+        if reply is not None:
+            self.log.append(reply)
+        return reply
+
+
+def encode_reply(reply: Message | None):
+    from flwr.app import RecordDict
+
+    return RecordDict() if reply is None else encode(reply)
+
+
+def run_server(grid, run_config) -> dict:
+    """The ServerApp's work: resume or start the run in ``out``, train, order samples, write metrics.json."""
+    cfg = config_from_run_config(run_config)
+    out = Path(str(run_config.get("out", "runs/flower")))
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.toml").is_file():
+        write_text_atomic(out / "config.toml", cfg.to_toml())
+    from .transport import FlowerTransport  # flwr-dependent; task's client half does not need it
+
+    server = Server(cfg)
+    transport = FlowerTransport(grid, MessageLog(out / "message_log.jsonl"), cfg.data.num_clients,
+                                reply_timeout=float(run_config.get("reply-timeout", 600)))
+    orch = Orchestrator(cfg, server, transport, [client_node(i) for i in range(cfg.data.num_clients)], [server])
+    resumed = orch.restore(out / "checkpoints")
+    _say(f"run {out}: cut {cfg.cut}, {cfg.data.num_clients} clients, "
+         + (f"resuming after round {orch.history.rounds_done}" if resumed else "starting"))
+    present = transport.wait_for_clients(cfg.data.num_clients, float(run_config.get("join-timeout", 300)))
+    if not present:
+        raise RuntimeError(f"no client joined within {run_config.get('join-timeout', 300)} s")
+    _say(f"clients present: {', '.join(present)} (nodes {transport.nodes})")
+    round_seconds: list[float] = []
+    clock = [time.perf_counter()]
+
+    def on_round(r: int) -> None:
+        now = time.perf_counter()
+        round_seconds.append(now - clock[0])
+        clock[0] = now
+        losses = {k: v[-1] for k, v in orch.history.losses.items()}
+        _say(f"round {r}/{cfg.train.rounds} ({round_seconds[-1]:.1f} s): "
+             + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in losses.items()))
+
+    orch.train(out / "checkpoints", progress=False, on_round=on_round)
+    t0 = time.perf_counter()
+    n = int(run_config.get("samples", cfg.sample.n_per_client))
+    finished = orch.order_samples(n) if n else {}
+    sample_s = time.perf_counter() - t0
+    _say(f"sampling: {finished} images finished on the clients ({sample_s:.1f} s)")
+    metrics = {
+        "transport": "flower",
+        "rounds_done": orch.history.rounds_done,
+        "resumed": resumed,
+        "history": orch.history.to_dict(),
+        "round_seconds_this_session": round_seconds,
+        "samples_finished": finished,
+        "sample_seconds": sample_s,
+        "events": orch.events,
+        "messages": transport.log.summary(),
+    }
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False))
+    return metrics
+
+
+def _say(line: str) -> None:
+    """ServerApp output: print (shown by ``flwr run --stream`` and in the SuperLink's log) and log."""
+    print(f"[collafuse] {line}", flush=True)
+    logger.info(line)
+
+
+__all__ = ["ClientNode", "config_from_run_config", "encode_reply", "error_reply", "run_server"]

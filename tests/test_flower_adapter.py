@@ -1,0 +1,334 @@
+"""The Flower adapter without processes: codec, FlowerTransport, ClientNode and run_server over a stand-in Grid
+that calls the real ClientApp code in process. Checks equivalence with the in-process runner, node joins, drops,
+restarts and hostile replies. Real SuperLink/SuperNode processes are tested in test_flower_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+
+from collafuse.config import config_from_dict  # noqa: E402
+from collafuse.data import export_client_folders  # noqa: E402
+from collafuse.flower.codec import decode, encode  # noqa: E402
+from collafuse.flower.task import ClientNode, run_server  # noqa: E402
+from collafuse.protocol import SERVER, Message, ProtocolError  # noqa: E402
+from collafuse.runner import Federation  # noqa: E402
+from conftest import TINY, merge  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _flower_run_identity(monkeypatch):
+    """Flower stamps new messages with the run id of the running app; outside one, give it a run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    """The Grid calls FlowerTransport makes, answered by ClientNode (the ClientApp's code) in process.
+
+    ``nodes`` maps a Flower node id to its node config; ``down`` holds node ids that do not answer (their messages
+    time out); ``hostile`` maps a node id to a function that rewrites its reply content."""
+
+    def __init__(self, run_config: dict, nodes: dict[int, dict]):
+        self.run_config = run_config
+        self.nodes = dict(nodes)
+        self.down: set[int] = set()
+        self.hostile: dict[int, callable] = {}
+        self.fail_on = None  # (kind, call number) -> raise, as a server crash would
+        self.calls: dict[str, int] = {}
+        self.replies: dict[str, SimpleNamespace] = {}
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in self.down]
+
+    def push_messages(self, messages):
+        from collafuse.flower.task import config_from_run_config
+
+        cfg = config_from_run_config(self.run_config)
+        ids = []
+        for m in messages:
+            kind = m.content.config_records["envelope"]["kind"]
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+            if self.fail_on == (kind, self.calls[kind]):
+                raise KeyboardInterrupt("server killed")
+            mid = f"m{len(self.replies) + len(ids)}-{id(m)}"
+            ids.append(mid)
+            dst = m.metadata.dst_node_id
+            if dst in self.down or dst not in self.nodes:
+                continue  # never answers: the transport times out
+            node = ClientNode(cfg, self.nodes[dst], self.run_config["out"])
+            reply = node.handle(m.content)
+            content = RecordDict() if reply is None else encode(reply)
+            if dst in self.hostile:
+                content = self.hostile[dst](content, kind)
+            self.replies[mid] = SimpleNamespace(
+                metadata=SimpleNamespace(src_node_id=dst, reply_to_message_id=mid), content=content,
+                has_error=lambda: False)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.fixture
+def setup(idx_dataset, tmp_path):
+    """A tiny config on the IDX fixture, its per-client folders, a run config and two node configs."""
+    cfg_dict = merge(TINY, {"data": {"root": str(idx_dataset), "num_clients": 2}})
+    cfg = config_from_dict(cfg_dict)
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(cfg.to_toml())
+    folders = export_client_folders(cfg.data, cfg.num_classes, cfg.seeds.data, tmp_path / "sites")
+    run_config = {"config": str(toml), "out": str(tmp_path / "server"), "join-timeout": 5, "samples": 3}
+    nodes = {1000 + i: {"client-id": i, "data-dir": str(d), "state-dir": str(tmp_path / f"node{i}")}
+             for i, d in enumerate(folders)}
+    return SimpleNamespace(cfg=cfg, toml=toml, run_config=run_config, nodes=nodes, tmp=tmp_path)
+
+
+def _server_weights(out_dir):
+    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+
+    nodes, state = load_checkpoint(latest_checkpoint(out_dir / "checkpoints"))
+    return nodes[SERVER][0], state
+
+
+# -- codec -----------------------------------------------------------------------------------------------------------
+def test_codec_round_trip_is_bit_exact():
+    msg = Message("upload", "client1", SERVER, {"x_cut": torch.randn(5, 1, 28, 28), "y": torch.arange(5)},
+                  {"round": 3})
+    back = decode(encode(msg))
+    assert (back.kind, back.sender, back.receiver, back.meta) == ("upload", "client1", SERVER, {"round": 3})
+    assert all(torch.equal(back.arrays[k], msg.arrays[k]) and back.arrays[k].dtype == msg.arrays[k].dtype
+               for k in msg.arrays)
+
+
+@pytest.mark.parametrize("content,match", [
+    (RecordDict(), "expected the records"),
+    (RecordDict({"envelope": ConfigRecord({"kind": "upload"}), "arrays": ArrayRecord()}), "string fields"),
+    (RecordDict({"envelope": ConfigRecord({"kind": "a", "sender": "b", "receiver": "c", "evil": 1}),
+                 "arrays": ArrayRecord()}), "not allowed"),
+    (RecordDict({"envelope": ConfigRecord({"kind": "a", "sender": "b", "receiver": "c"}),
+                 "arrays": ArrayRecord({"x": Array(torch.zeros(2, dtype=torch.float16).numpy())})}), "float16"),
+])
+def test_malformed_flower_content_is_a_protocol_error(content, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(content)
+
+
+# -- equivalence -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_rounds_over_the_flower_adapter_equal_rounds_in_process(setup, rounds):
+    """Same seed, same data: the server weights after N rounds over Flower equal the in-process ones exactly."""
+    rc = {**setup.run_config, "set": f"train.rounds={rounds}", "samples": 0}
+    run_server(FakeGrid(rc, setup.nodes), rc)
+    flower_w, state = _server_weights(setup.tmp / "server")
+    cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
+                                        "train": {"rounds": rounds}}))
+    fed = Federation(cfg)
+    fed.train(progress=False)
+    local_w, _ = fed.server.state()
+    assert flower_w.keys() == local_w.keys()
+    assert all(torch.equal(flower_w[k], local_w[k]) for k in local_w)  # tolerance 0: bit-identical
+    assert state["history"]["losses"] == fed.history.to_dict()["losses"]
+
+
+def test_server_app_trains_samples_and_keeps_images_on_the_clients(setup):
+    m = run_server(FakeGrid(setup.run_config, setup.nodes), setup.run_config)
+    assert m["rounds_done"] == setup.cfg.train.rounds and m["samples_finished"] == {"client0": 3, "client1": 3}
+    for i in range(2):
+        assert (setup.tmp / f"node{i}" / "samples" / "batch_0000.png").is_file()
+        client_log = [json.loads(x) for x in (setup.tmp / f"node{i}" / "message_log.jsonl").read_text().splitlines()]
+        assert {r["kind"] for r in client_log} >= {"join_request", "join", "upload", "train_reply", "sample_done"}
+    server_log = [json.loads(x) for x in (setup.tmp / "server" / "message_log.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in server_log}
+    assert "sample_done" in kinds and not kinds & {"x0", "eps"}
+    assert all(a["name"] in ("x_cut", "y") for r in server_log for a in r["arrays"])
+
+
+# -- faults ----------------------------------------------------------------------------------------------------------
+def test_a_dropped_node_is_skipped_and_rejoins_with_its_state(setup):
+    rc = {**setup.run_config, "set": "train.rounds=4", "samples": 0, "reply-timeout": 0.2}
+    grid = FakeGrid(rc, setup.nodes)
+    calls = {"n": 0}
+    orig_push, orig_ids = grid.push_messages, grid.get_node_ids
+
+    def push(messages):
+        if any(m.content.config_records["envelope"]["kind"] == "train_request" for m in messages):
+            calls["n"] += 1
+        return orig_push(messages)
+
+    def node_ids():  # asked at the start of every exchange
+        if calls["n"] == 1:
+            grid.down = {1001}  # round 2: client1's node is listed but does not answer
+        elif calls["n"] == 2:
+            grid.down = set()
+            grid.nodes.pop(1001, None)  # round 3: it is gone
+        elif calls["n"] == 3:
+            grid.nodes[2001] = setup.nodes[1001]  # round 4: back, on a new node id, with its state directory
+        return orig_ids()
+
+    grid.push_messages, grid.get_node_ids = push, node_ids
+    m = run_server(grid, rc)
+    assert m["rounds_done"] == 4
+    assert [x is None for x in m["history"]["losses"]["client1"]] == [False, True, True, False]
+    assert all(x is not None for x in m["history"]["losses"]["client0"])
+    node = ClientNode(setup.cfg, setup.nodes[1001], rc["out"])
+    assert node.role.rounds_done == 4 and node.role.learner.steps == 2 * setup.cfg.train.client_steps
+
+
+def test_a_server_crash_resumes_from_the_last_round_and_ends_identical(setup):
+    rc = {**setup.run_config, "set": "train.rounds=3", "samples": 0}
+    grid = FakeGrid(rc, setup.nodes)
+    grid.fail_on = ("train_request", 5)  # killed while sending round 3's second train_request
+    with pytest.raises(KeyboardInterrupt):
+        run_server(grid, rc)
+    _, state = _server_weights(setup.tmp / "server")
+    assert state["round"] == 2  # rounds 1-2 kept
+    grid.fail_on = None
+    m = run_server(grid, rc)
+    assert m["resumed"] and m["rounds_done"] == 3
+    crashed, _ = _server_weights(setup.tmp / "server")
+    cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
+                                        "train": {"rounds": 3}}))
+    fed = Federation(cfg)
+    fed.train(progress=False)
+    straight, _ = fed.server.state()
+    assert all(torch.equal(crashed[k], straight[k]) for k in straight)
+
+
+def test_unknown_and_duplicate_nodes_are_refused(setup, caplog):
+    nodes = {**setup.nodes,
+             3000: {**setup.nodes[1000], "state-dir": str(setup.tmp / "impostor")},  # claims client0 again
+             3001: {**setup.nodes[1001], "client-id": 1, "state-dir": str(setup.tmp / "x")}}
+    grid = FakeGrid({**setup.run_config, "samples": 0}, nodes)
+    grid.hostile[3001] = lambda content, kind: encode(Message("join", "client7", SERVER)) if kind == "join_request" \
+        else content
+    m = run_server(grid, {**setup.run_config, "samples": 0})
+    assert m["rounds_done"] == setup.cfg.train.rounds
+    assert "refused node 3000" in caplog.text and "already connected" in caplog.text
+    assert "refused node 3001" in caplog.text and "not a client of this run" in caplog.text
+
+
+def _hostile_upload(mutate):
+    def rewrite(content, kind):
+        if kind != "upload_request":
+            return content
+        msg = decode(content)
+        mutate(msg)
+        return encode(msg)
+    return rewrite
+
+
+@pytest.mark.parametrize("case,mutate,reason", [
+    ("wrong shape", lambda m: m.arrays.update(x_cut=m.arrays["x_cut"][:, :, :8, :8].contiguous()), "image shape"),
+    ("wrong dtype", lambda m: m.arrays.update(x_cut=m.arrays["x_cut"].double()), "float64"),
+    ("NaN", lambda m: m.arrays["x_cut"].view(-1).__setitem__(0, math.nan), "NaN or Inf"),
+    ("Inf", lambda m: m.arrays["x_cut"].view(-1).__setitem__(3, math.inf), "NaN or Inf"),
+    ("label out of range", lambda m: m.arrays["y"].fill_(10), "allowed: [0, 9]"),
+    ("oversized batch", lambda m: m.arrays.update(x_cut=torch.zeros(200_001, 1, 28, 28),
+                                                  y=torch.zeros(200_001, dtype=torch.long)), "allowed: 1 to"),
+    ("impersonation", lambda m: setattr(m, "sender", "client0"), "claims to come from"),
+])
+def test_a_malformed_upload_over_flower_is_refused_and_never_poisons_the_server(setup, case, mutate, reason, caplog):
+    rc = {**setup.run_config, "samples": 0, "set": "split.max_upload_images=100000"}
+    grid = FakeGrid(rc, setup.nodes)
+    grid.hostile[1001] = _hostile_upload(mutate)
+    m = run_server(grid, rc)
+    assert m["rounds_done"] == setup.cfg.train.rounds  # the run went on
+    assert any(reason in e for e in m["events"]), m["events"]
+    assert "refused" in caplog.text
+    # client1 was told why (an error message reached its node's log) and never contributed an upload.
+    client_log = (setup.tmp / "node1" / "message_log.jsonl").read_text()
+    assert '"kind": "error"' in client_log
+    server_log = [json.loads(x) for x in (setup.tmp / "server" / "message_log.jsonl").read_text().splitlines()]
+    assert any(r.get("rejected") for r in server_log)  # the audit log marks the refusal
+    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+
+    nodes, _ = load_checkpoint(latest_checkpoint(setup.tmp / "server" / "checkpoints"))
+    w, meta = nodes[SERVER]
+    assert set(meta["client_labels"]) == {"0"}  # only client0's upload was ever accepted
+    assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+
+
+def test_a_node_cannot_sample_under_another_clients_private_labels(setup, caplog):
+    grid = FakeGrid(setup.run_config, setup.nodes)
+
+    def foreign(content, kind):
+        if kind != "sample_order":
+            return content
+        msg = decode(content)
+        msg.arrays["y"] = torch.full_like(msg.arrays["y"], 9)  # client1's classes are 5-9; client0's are 0-4
+        return encode(msg)
+
+    grid.hostile[1000] = foreign
+    m = run_server(grid, setup.run_config)
+    assert m["samples_finished"] == {"client0": 0, "client1": 3}
+    assert any("never uploaded" in e for e in m["events"])
+
+
+# -- CLI pieces that start no process ---------------------------------------------------------------------------------
+def test_flower_pki_makes_a_chain_clients_can_verify(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    from collafuse.cli import main
+
+    assert main(["flower-pki", "--out", str(tmp_path), "--host", "10.0.0.5", "--host", "link.example",
+                 "--nodes", "site0,site1"]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    srv = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    ca.public_key().verify(srv.signature, srv.tbs_certificate_bytes, padding.PKCS1v15(), srv.signature_hash_algorithm)
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    for n in ("site0", "site1"):
+        key = serialization.load_ssh_private_key((tmp_path / "keys" / n).read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"  # what Flower accepts
+        assert (tmp_path / "keys" / f"{n}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert oct((tmp_path / "keys" / n).stat().st_mode)[-3:] == "600"
+    assert main(["flower-pki", "--out", str(tmp_path), "--nodes", "bad name!"]) == 2
+    assert "--nodes" in capsys.readouterr().err
+
+
+def test_export_client_data_gives_each_site_only_its_images(setup):
+    from collafuse.data import load_client_datasets, load_client_folder
+
+    ref = load_client_datasets(setup.cfg.data, setup.cfg.num_classes, setup.cfg.seeds.data)
+    for i, node in enumerate(setup.nodes.values()):
+        got = load_client_folder(node["data-dir"], i, setup.cfg.num_classes)
+        for k in ("train_x", "train_y", "test_x", "test_y"):
+            assert torch.equal(getattr(got, k), getattr(ref[i], k))  # bit-identical round trip through uint8 IDX
+    assert set(ref[0].train_y.tolist()).isdisjoint(ref[1].train_y.tolist())
+
+
+def test_flower_commands_reject_bad_input_before_starting_anything(setup, tmp_path, capsys):
+    from collafuse.cli import main
+
+    assert main(["flower-sim", str(setup.toml), "--out", str(tmp_path / "x"), "--set", "split.cut=5000"]) == 2
+    assert "split.cut = 5000" in capsys.readouterr().err
+    assert main(["flower-deploy", str(setup.toml), "--out", str(tmp_path / "y"), "--samples", "-1"]) == 2
+    assert "--samples = -1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("node_config,match", [
+    ({}, "client-id = None"),
+    ({"client-id": 2}, "client-id = 2"),
+    ({"client-id": "zero"}, "client-id = 'zero'"),
+])
+def test_a_node_with_a_bad_node_config_says_which_key(setup, node_config, match):
+    from collafuse.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ClientNode(setup.cfg, node_config, str(setup.tmp / "server"))
