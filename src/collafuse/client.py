@@ -39,7 +39,7 @@ class Client:
         self.device = torch.device(device or cfg.run.device)
         self.schedule = DiffusionSchedule(cfg.diffusion)
         self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, cfg.client_model.condition_on_class, False)
-        model = node_model(cfg.client_model, self.labels, cfg.seeds.init, self.node_id)
+        model = node_model(cfg.client_model, self.labels, cfg.seeds.init, self.node_id, cfg.image_shape)
         self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, self.node_id),
                                make_generator(cfg.seeds.sample, self.node_id), str(self.device))
         # The client's secret: the seed of its upload noise. Drawn once, never re-drawn (split-protocol.md).

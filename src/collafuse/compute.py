@@ -116,7 +116,8 @@ def build_node_model(cfg: Config, node: Node) -> tuple[torch.nn.Module, LabelEnc
     """
     labels = node_labels(cfg, node)
     model_cfg = cfg.server_model if node == "server" else cfg.client_model
-    return node_model(model_cfg, labels, cfg.seeds.init, SERVER if node == "server" else client_node(0)), labels
+    return node_model(model_cfg, labels, cfg.seeds.init, SERVER if node == "server" else client_node(0),
+                      cfg.image_shape), labels
 
 
 def guidance_factor(labels: LabelEncoder, guidance_scale: float) -> int:

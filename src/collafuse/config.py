@@ -32,12 +32,36 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    # Where the images come from (collafuse.sources). Nothing is downloaded: every source reads local files.
+    #   fashion-mnist   the Debian package dataset-fashion-mnist (IDX files in root)
+    #   idx             any MNIST-style IDX folder (train-/t10k- images and labels)
+    #   image-folder    root/**/*.png|jpg; first-level subfolders are the classes when every image is in one
+    #   cifar10         the python pickle batches (root/data_batch_1..5, test_batch, batches.meta)
+    #   celeba          root/img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
+    #   sklearn-digits, lfw-subset   small sets bundled with scikit-learn / scikit-image (quick offline demos)
+    dataset: Literal["fashion-mnist", "idx", "image-folder", "cifar10", "celeba", "sklearn-digits",
+                     "lfw-subset"] = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist installs here
+    image_size: int = 0  # square side the images are resized and center-cropped to; 0: the dataset's own
+    channels: int = 0  # 1 (grayscale) or 3 (RGB); 0: the dataset's own
+    num_classes: int = 0  # label classes; 0: the dataset's own (image folders: 1 = unlabelled, else the subfolders)
     num_clients: int = 3
-    partition: Literal["class_groups", "iid", "dirichlet"] = "class_groups"  # non-IID by class groups by default
+    # How images are dealt to clients:
+    #   class_groups      client i holds classes class_groups[i] (non-IID; the default)
+    #   iid               every class split evenly
+    #   dirichlet         Dirichlet(dirichlet_alpha) class mix per client, at least min_client_size images each
+    #   attribute_groups  client i holds every image having ANY attribute of attribute_groups[i]; clients overlap,
+    #                     as in the paper's CelebA setup
+    #   folders           client i reads client_roots[i] (its own directory; the deployment case)
+    partition: Literal["class_groups", "iid", "dirichlet", "attribute_groups", "folders"] = "class_groups"
     class_groups: list[list[int]] = field(default_factory=list)  # empty: split the classes evenly over clients
     dirichlet_alpha: float = 0.5  # smaller alpha, more skewed class mixes
+    min_client_size: int = 1  # dirichlet: redraw until every client holds at least this many training images
+    attribute_groups: list[list[str]] = field(default_factory=list)  # CelebA attribute names, one list per client
+    client_roots: list[str] = field(default_factory=list)  # partition = "folders": one directory per client
+    test_fraction: float = 0.2  # held-out share for sources without an official test split
+    max_bad_fraction: float = 0.05  # unreadable images are skipped and counted; above this share the run stops
+    max_images: int = 0  # read at most this many images per split from large sources (CelebA); 0: all
     max_train_per_client: int = 0  # 0 keeps every training image of the client
     max_test_per_client: int = 0  # 0 keeps every held-out image of the client
 
@@ -151,17 +175,23 @@ class Config:
 
     @property
     def num_classes(self) -> int:
-        return DATASET_NUM_CLASSES[self.data.dataset]
+        return self.data.num_classes or DATASET_DEFAULTS[self.data.dataset][0]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return DATASET_IMAGE_SHAPE[self.data.dataset]
+        """(C, H, W) of every image the models see."""
+        _, channels, size = DATASET_DEFAULTS[self.data.dataset]
+        size = self.data.image_size or size
+        return (self.data.channels or channels, size, size)
 
     # Sections that decide what a checkpoint contains. Resuming with a change here would silently mix runs.
     IDENTITY_SECTIONS = ("data", "diffusion", "split", "server_model", "client_model", "seeds")
 
     def identity_hash(self) -> str:
         ident = {name: dataclasses.asdict(getattr(self, name)) for name in self.IDENTITY_SECTIONS}
+        for key, default in _DATA_KEYS_HASHED_IF_SET.items():
+            if ident["data"][key] == default:
+                del ident["data"][key]
         ident["split"] = {"cut": self.cut}
         if self.split.fresh_upload_noise:  # only when on, so runs from before the option keep their hash
             ident["split"]["fresh_upload_noise"] = True
@@ -184,8 +214,28 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
 
-DATASET_NUM_CLASSES = {"fashion-mnist": 10}
-DATASET_IMAGE_SHAPE = {"fashion-mnist": (1, 28, 28)}  # (C, H, W)
+# dataset -> (classes, channels, image size) used when data.num_classes / channels / image_size are 0.
+DATASET_DEFAULTS = {
+    "fashion-mnist": (10, 1, 28),
+    "idx": (10, 1, 28),
+    "image-folder": (1, 3, 32),
+    "cifar10": (10, 3, 32),
+    "celeba": (1, 3, 64),
+    "sklearn-digits": (10, 1, 16),
+    "lfw-subset": (2, 1, 32),  # scikit-image: 100 faces, then 100 non-faces
+}
+# Data keys added after runs existed: left out of the identity hash while at their defaults, so those runs resume.
+_DATA_KEYS_HASHED_IF_SET = {"image_size": 0, "channels": 0, "num_classes": 0, "min_client_size": 1,
+                            "attribute_groups": [], "client_roots": [], "test_fraction": 0.2,
+                            "max_bad_fraction": 0.05, "max_images": 0}
+
+
+def _max_levels(size: int) -> int:
+    levels = 1
+    while size % 2 == 0 and size // 2 >= 2:
+        size //= 2
+        levels += 1
+    return levels
 
 
 def default_cut(timesteps: int) -> int:
@@ -324,6 +374,24 @@ def validate(cfg: Config) -> None:
                      f"non-empty lists of class ids in [0, {n_classes - 1}]")
             _require(len(set(flat)) == len(flat), "data.class_groups", groups, "groups that do not share a class")
     _require(da.dirichlet_alpha > 0, "data.dirichlet_alpha", da.dirichlet_alpha, "a number > 0")
+    for key in ("image_size", "channels", "num_classes", "max_images"):
+        _require(getattr(da, key) >= 0, f"data.{key}", getattr(da, key), "an integer >= 0 (0: the dataset's own)")
+    _require(da.channels in (0, 1, 3), "data.channels", da.channels, "1 (grayscale), 3 (RGB) or 0 (the dataset's)")
+    _require(da.image_size == 0 or 8 <= da.image_size <= 512, "data.image_size", da.image_size,
+             "an integer in [8, 512] or 0 (the dataset's own)")
+    _require(da.min_client_size >= 1, "data.min_client_size", da.min_client_size, "an integer >= 1")
+    _require(0.0 < da.test_fraction < 1.0, "data.test_fraction", da.test_fraction, "a number in (0, 1)")
+    _require(0.0 <= da.max_bad_fraction <= 1.0, "data.max_bad_fraction", da.max_bad_fraction, "a number in [0, 1]")
+    if da.partition == "attribute_groups":
+        _require(da.dataset == "celeba", "data.partition", da.partition, "'attribute_groups' only with "
+                 "data.dataset = 'celeba' (the source with attributes)")
+        _require(len(da.attribute_groups) == da.num_clients and all(da.attribute_groups), "data.attribute_groups",
+                 da.attribute_groups, f"{da.num_clients} non-empty lists of attribute names (one per client)")
+    if da.partition == "folders":
+        _require(len(da.client_roots) == da.num_clients, "data.client_roots", da.client_roots,
+                 f"{da.num_clients} directories (one per client, data.num_clients)")
+        _require(da.dataset in ("image-folder", "idx", "fashion-mnist"), "data.partition", da.partition,
+                 "'folders' only with data.dataset = 'image-folder' or 'idx' (a directory per client)")
     _require(da.max_train_per_client >= 0, "data.max_train_per_client", da.max_train_per_client, "an integer >= 0")
     _require(da.max_test_per_client >= 0, "data.max_test_per_client", da.max_test_per_client, "an integer >= 0")
 
@@ -334,11 +402,11 @@ def validate(cfg: Config) -> None:
         _require(all(c % m.norm_num_groups == 0 for c in m.block_out_channels), f"{name}.norm_num_groups",
                  m.norm_num_groups, f"a divisor of every entry of {name}.block_out_channels {m.block_out_channels}")
         _require(m.layers_per_block >= 1, f"{name}.layers_per_block", m.layers_per_block, "an integer >= 1")
-        size = 28
-        for _ in m.block_out_channels[:-1]:
-            _require(size % 2 == 0, f"{name}.block_out_channels", m.block_out_channels,
-                     "at most 3 levels for 28x28 images (28 -> 14 -> 7)")
-            size //= 2
+        size = cfg.image_shape[1]
+        levels = len(m.block_out_channels)
+        _require(size % 2 ** (levels - 1) == 0 and size // 2 ** (levels - 1) >= 2, f"{name}.block_out_channels",
+                 m.block_out_channels, f"at most {_max_levels(size)} levels for {size}x{size} images "
+                 f"(each level halves the size, which must stay even and >= 2)")
     _require(not cfg.client_model.condition_on_client, "client_model.condition_on_client",
              cfg.client_model.condition_on_client, "false (a client model serves one client)")
 

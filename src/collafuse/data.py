@@ -32,7 +32,7 @@ class DataError(ValueError):
 
 @dataclass
 class ClientData:
-    """One client's private images in [-1, 1] as float32 [N, 1, 28, 28] with int64 labels."""
+    """One client's private images in [-1, 1] as float32 [N, C, H, W] with int64 labels."""
 
     index: int
     train_x: torch.Tensor
@@ -116,31 +116,104 @@ def split_indices(labels: np.ndarray, P: np.ndarray, rng: np.random.Generator) -
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=int) for p in parts]
 
 
+def _to_client(i: int, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> ClientData:
+    """uint8 images ([N, H, W] or [N, H, W, C]) and labels -> a client's tensors in the model's range."""
+    def images(x):
+        return to_model_range(x) if x.ndim == 3 else torch.from_numpy(
+            np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5 - 1.0)
+    return ClientData(i, images(train_x), torch.from_numpy(train_y.astype(np.int64)),
+                      images(test_x), torch.from_numpy(test_y.astype(np.int64)))
+
+
+def _subsample(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.permutation(idx)[:cap]) if cap else idx
+
+
+def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
+    if len(y) and int(y.max()) >= num_classes:
+        raise DataError(f"{where} has labels up to {int(y.max())}, but data.num_classes = {num_classes} "
+                        f"(allowed: set data.num_classes to at least {int(y.max()) + 1})")
+
+
+def _client_indices(cfg: DataConfig, train, test, num_classes: int, rng: np.random.Generator):
+    """Train and test index lists per client under ``cfg.partition`` (the same rule for both splits)."""
+    if cfg.partition == "attribute_groups":
+        return [attribute_group_indices(s.attributes, s.attribute_names, cfg.attribute_groups) for s in (train, test)]
+    for _ in range(100 if cfg.partition == "dirichlet" else 1):
+        P = partition_matrix(cfg, num_classes, rng)
+        train_parts = split_indices(train.labels, P, rng)
+        if cfg.partition != "dirichlet" or min(len(p) for p in train_parts) >= cfg.min_client_size:
+            break
+    else:
+        raise DataError(f"data.partition = 'dirichlet' with data.dirichlet_alpha = {cfg.dirichlet_alpha} left a "
+                        f"client below data.min_client_size = {cfg.min_client_size} in 100 draws (allowed: a larger "
+                        f"alpha or a smaller min_client_size)")
+    return train_parts, split_indices(test.labels, P, rng)
+
+
+def attribute_group_indices(attributes: np.ndarray | None, names: list[str] | None,
+                            groups: list[list[str]]) -> list[np.ndarray]:
+    """Client i: every image having ANY attribute of ``groups[i]``. Clients overlap where images have attributes of
+    several groups, as in CollaFuse's CelebA setup (arXiv 2406.14429, Section 4)."""
+    if attributes is None or names is None:
+        raise DataError("data.partition = 'attribute_groups' needs a source with attributes (allowed: celeba)")
+    col = {n: j for j, n in enumerate(names)}
+    out = []
+    for g in groups:
+        unknown = [a for a in g if a not in col]
+        if unknown:
+            raise DataError(f"data.attribute_groups names {unknown}, which the dataset does not have "
+                            f"(allowed: {', '.join(names)})")
+        out.append(np.flatnonzero(attributes[:, [col[a] for a in g]].any(axis=1)))
+    return out
+
+
 def load_client_datasets(cfg: DataConfig, num_classes: int, seed: int) -> list[ClientData]:
     """Load the configured dataset and give each client its train split and held-out test split."""
-    if cfg.dataset != "fashion-mnist":
-        raise DataError(f"data.dataset = {cfg.dataset!r} is invalid (allowed: 'fashion-mnist')")
-    arrays = load_fashion_mnist(cfg.root)
     rng = np.random.default_rng(seed)
-    P = partition_matrix(cfg, num_classes, rng)
-    train_parts = split_indices(arrays["train_y"], P, rng)
-    test_parts = split_indices(arrays["test_y"], P, rng)
+    if cfg.partition == "folders":
+        return [load_client_source(root, i, cfg, num_classes) for i, root in enumerate(cfg.client_roots)]
+    train, test = load_splits(cfg)
+    _check_labels(train.labels, num_classes, f"data.dataset = '{cfg.dataset}'" + (
+        f" at data.root = '{cfg.root}'" if cfg.dataset not in ("sklearn-digits", "lfw-subset") else ""))
+    train_parts, test_parts = _client_indices(cfg, train, test, num_classes, rng)
     clients = []
     for i, (tr, te) in enumerate(zip(train_parts, test_parts)):
-        if cfg.max_train_per_client:
-            tr = np.sort(rng.permutation(tr)[: cfg.max_train_per_client])
-        if cfg.max_test_per_client:
-            te = np.sort(rng.permutation(te)[: cfg.max_test_per_client])
+        tr = _subsample(tr, cfg.max_train_per_client, rng)
+        te = _subsample(te, cfg.max_test_per_client, rng)
         if len(tr) == 0:
-            raise DataError(f"client {i} received no training images under data.partition = {cfg.partition!r}")
-        clients.append(ClientData(
-            index=i,
-            train_x=to_model_range(arrays["train_x"][tr]),
-            train_y=torch.from_numpy(arrays["train_y"][tr].astype(np.int64)),
-            test_x=to_model_range(arrays["test_x"][te]),
-            test_y=torch.from_numpy(arrays["test_y"][te].astype(np.int64)),
-        ))
+            raise DataError(f"client {i} received no training images under data.partition = {cfg.partition!r} "
+                            f"(allowed: a rule that gives every client images, e.g. fewer clients or other groups)")
+        clients.append(_to_client(i, train.images[tr], train.labels[tr], test.images[te], test.labels[te]))
     return clients
+
+
+def load_splits(cfg: DataConfig, root: str | Path | None = None):
+    """(train, test) ``sources.ImageSet`` of the configured source at the configured size. Fashion-MNIST at its
+    native size is read directly (the path every committed result used), everything else through sources."""
+    from .config import DATASET_DEFAULTS
+    from .sources import ImageSet, load_source
+
+    root = cfg.root if root is None else root
+    _, channels, size = DATASET_DEFAULTS[cfg.dataset]
+    if cfg.dataset == "fashion-mnist" and cfg.image_size in (0, size) and cfg.channels in (0, channels):
+        a = load_fashion_mnist(root)
+        names = list(FASHION_MNIST_CLASSES)
+        return (ImageSet(a["train_x"], a["train_y"].astype(np.int64), names),
+                ImageSet(a["test_x"], a["test_y"].astype(np.int64), names))
+    kind = "idx" if cfg.dataset == "fashion-mnist" else cfg.dataset
+    splits = load_source(kind, root, cfg.image_size or size, cfg.channels or channels, test_fraction=cfg.test_fraction,
+                         seed=0, max_bad_fraction=cfg.max_bad_fraction, limit=cfg.max_images)
+    return splits.train, splits.test
+
+
+def load_client_source(root: str | Path, index: int, cfg: DataConfig, num_classes: int) -> ClientData:
+    """All the images of one client's own directory (``data.dataset`` layout: an image folder or IDX files)."""
+    train, test = load_splits(cfg, root)
+    _check_labels(train.labels, num_classes, f"client {index}'s folder '{root}'")
+    if len(train.labels) == 0:
+        raise DataError(f"client {index}'s folder '{root}' has no training images (partition 'folders')")
+    return _to_client(index, train.images, train.labels, test.images, test.labels)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -161,6 +234,9 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 def export_client_folders(cfg: DataConfig, num_classes: int, seed: int, out_dir: Path) -> list[Path]:
     """Write each client's partition as its own Fashion-MNIST-layout folder ``out_dir/client<i>/`` (the four IDX
     files), so a deployed client node can be given only its own images (``data-dir`` in its node config)."""
+    if cfg.dataset not in ("fashion-mnist", "idx") or (cfg.channels or 1) != 1:
+        raise DataError(f"data.dataset = {cfg.dataset!r} cannot be exported as IDX folders (allowed: grayscale "
+                        f"'fashion-mnist' or 'idx'; give RGB sites their own image folder with partition 'folders')")
     paths = []
     for c in load_client_datasets(cfg, num_classes, seed):
         d = Path(out_dir) / f"client{c.index}"

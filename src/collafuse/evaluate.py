@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting
-from .config import Config
+from .config import Config, ConfigError
 from .disclosure import disclosure_report
 from .features import get_extractor
 from .fidelity import compare_label_mix, fid_kid
@@ -125,6 +125,26 @@ def compute_section(fed: Federation, run_dir: Path) -> dict:
     return section
 
 
+def classifier_arrays(cfg: Config) -> dict | None:
+    """What the classifier extractor trains on: None for Fashion-MNIST at its native size (its IDX folder, the cache
+    key every committed number used), else the configured dataset's train and test splits (labelled data only)."""
+    if cfg.data.dataset == "fashion-mnist" and cfg.image_shape == (1, 28, 28):
+        return None
+    if cfg.num_classes < 2:
+        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} has no labels, so eval.extractor = 'classifier' and "
+                          f"the label histograms cannot be computed (allowed: a labelled dataset; for unlabelled data "
+                          f"use eval.extractor = 'inception' with its weights file)")
+    from .data import load_splits
+
+    train, test = load_splits(cfg.data)
+
+    def nchw(x):
+        return x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
+
+    return {"train_x": nchw(train.images), "train_y": train.labels, "test_x": nchw(test.images),
+            "test_y": test.labels}
+
+
 def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
     """Evaluate a trained run and write ``RUN_DIR/evaluation.json``; returns the same dict."""
     run_dir = Path(run_dir)
@@ -134,10 +154,12 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
     t0 = time.perf_counter()
     samples = {c.index: generated_samples(fed, run_dir, c.index, cfg.eval.n_samples) for c in fed.clients}
     sample_s = time.perf_counter() - t0
+    arrays = classifier_arrays(cfg)
     extractor = get_extractor(cfg.eval.extractor, cache_dir=cfg.eval.cache_dir or None, data_root=cfg.data.root,
-                              weights=cfg.eval.inception_weights or None)
+                              weights=cfg.eval.inception_weights or None, arrays=arrays, progress=progress)
     classifier = extractor if cfg.eval.extractor == "classifier" else get_extractor(
-        "classifier", cache_dir=cfg.eval.cache_dir or None, data_root=cfg.data.root)
+        "classifier", cache_dir=cfg.eval.cache_dir or None, data_root=cfg.data.root, arrays=arrays,
+        progress=progress)
     t1 = time.perf_counter()
     result = {
         "run_dir": str(run_dir),

@@ -448,7 +448,8 @@ class InceptionFeatures(nn.Module):
 
 def get_extractor(name: str = "classifier", data_root: str | Path | None = None,
                   cache_dir: str | Path | None = None, recipe: ClassifierRecipe | None = None,
-                  weights: str | Path | None = None, progress: bool = True) -> nn.Module:
+                  weights: str | Path | None = None, progress: bool = True,
+                  arrays: Mapping[str, np.ndarray] | None = None) -> nn.Module:
     """Build a feature extractor by name.
 
     Args:
@@ -461,6 +462,8 @@ def get_extractor(name: str = "classifier", data_root: str | Path | None = None,
         weights (`str` or `Path`, *optional*): for ``"inception"``: the TorchScript .pt file, if not the installed
             package's ``default_1.pt``. Ignored by ``"classifier"``, whose weights live in the cache.
         progress (`bool`, defaults to `True`): tqdm bar if the classifier has to be trained.
+        arrays (`Mapping[str, np.ndarray]`, *optional*): for ``"classifier"``: train it on these instead of
+            ``data_root`` (uint8 ``train_x`` [N, C, H, W], ``train_y``, ``test_x``, ``test_y``): any labelled dataset.
 
     Returns:
         `nn.Module`: float [N, C, H, W] in [-1, 1] -> float32 [N, num_features]; attributes ``name``,
@@ -471,7 +474,8 @@ def get_extractor(name: str = "classifier", data_root: str | Path | None = None,
         `FeatureError` (a `ValueError`): unknown name, missing data or missing Inception weights; one line.
     """
     if name == "classifier":
-        model, meta = load_or_train_classifier(data_root, cache_dir=cache_dir, recipe=recipe, progress=progress)
+        model, meta = load_or_train_classifier(data_root, arrays=arrays, cache_dir=cache_dir, recipe=recipe,
+                                               progress=progress)
         return ClassifierFeatures(model, meta)
     if name == "inception":
         return InceptionFeatures(weights)

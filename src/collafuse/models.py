@@ -45,7 +45,7 @@ class LabelEncoder:
 
 
 def build_unet(cfg: ModelConfig, num_embeds: int | None, seed: int, in_channels: int = 1, size: int = 28):
-    """A UNet2DModel without attention in the resolution levels (28x28 is small) and optional mid attention."""
+    """A UNet2DModel without attention in the resolution levels (small images) and optional mid attention."""
     levels = len(cfg.block_out_channels)
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's global RNG
         torch.manual_seed(seed)
@@ -64,8 +64,12 @@ def build_unet(cfg: ModelConfig, num_embeds: int | None, seed: int, in_channels:
         )
 
 
-def node_model(cfg: ModelConfig, labels: LabelEncoder, init_seed: int, node_id: str) -> UNet2DModel:
-    return build_unet(cfg, labels.num_embeds, derive_seed(init_seed, "init", node_id))
+def node_model(cfg: ModelConfig, labels: LabelEncoder, init_seed: int, node_id: str,
+               image_shape: tuple[int, int, int] = (1, 28, 28)) -> UNet2DModel:
+    """One node's UNet for images of ``image_shape`` (C, H, W): grayscale or RGB, 28, 32, 64 pixels...; the depth
+    is ``len(cfg.block_out_channels)`` (config validation keeps every level's size even)."""
+    c, h, _ = image_shape
+    return build_unet(cfg, labels.num_embeds, derive_seed(init_seed, "init", node_id), in_channels=c, size=h)
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -38,7 +38,7 @@ class Server:
         self.schedule = DiffusionSchedule(cfg.diffusion)
         m = cfg.server_model
         self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
-        model = node_model(m, self.labels, cfg.seeds.init, SERVER)
+        model = node_model(m, self.labels, cfg.seeds.init, SERVER, cfg.image_shape)
         self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER),
                                make_generator(cfg.seeds.sample, SERVER), str(self.device))
         self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)

@@ -11,7 +11,8 @@ Run config (``flwr run ... --run-config``, or ``[tool.flwr.app.config]`` in flow
 Node config (``flower-supernode --node-config``; in simulation Flower sets ``partition-id``):
 
 - ``client-id`` (or ``partition-id``): which client this node is;
-- ``data-dir``: a folder holding only this client's images (``collafuse export-client-data`` writes them); without
+- ``data-dir``: a folder holding only this client's images, in the ``data.dataset`` layout (IDX files, or an image
+  folder with ``dataset = "image-folder"``; ``collafuse export-client-data`` writes IDX ones); without
   it the node takes its partition of ``data.root`` (convenient in simulation, where all nodes share a machine);
 - ``state-dir``: where this client's model, optimizer, EMA, RNG and round counter are kept between messages
   (default ``<out>/nodes/client<i>``).
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from ..client import Client
 from ..config import Config, ConfigError, load_config
-from ..data import load_client_datasets, load_client_folder
+from ..data import load_client_datasets, load_client_source
 from ..images import save_grid
 from ..protocol import ANY_CLIENT, Message, ProtocolError, check_message, client_node
 from ..runner import Orchestrator
@@ -79,7 +80,7 @@ class ClientNode:
         self.state_dir = Path(str(node_config.get("state-dir") or Path(out) / "nodes" / f"client{index}"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if node_config.get("data-dir"):
-            data = load_client_folder(str(node_config["data-dir"]), index, cfg.num_classes)
+            data = load_client_source(str(node_config["data-dir"]), index, cfg.data, cfg.num_classes)
         else:
             data = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)[index]
         self.role = Client(index, data, cfg)
