@@ -125,3 +125,23 @@ def test_model_depth_must_suit_the_image_size():
     cfg = config_from_dict({"data": {"dataset": "cifar10"},
                             "server_model": {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}})
     assert cfg.image_shape == (3, 32, 32)  # 32 -> 16 -> 8 -> 4: four levels fit
+
+
+@pytest.mark.parametrize("path,shape", [("configs/cifar10.toml", (3, 32, 32)), ("configs/celeba64.toml", (3, 64, 64)),
+                                        ("configs/digits.toml", (1, 16, 16))])
+def test_shipped_configs_build_models_that_fit_their_images(path, shape):
+    """The RGB paper-like configs (not runnable here: no data, no GPU) at least build and run their UNets."""
+    from pathlib import Path
+
+    from collafuse.config import load_config
+    from collafuse.models import LabelEncoder, node_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / path, ["run.device=\"cpu\""])
+    assert cfg.image_shape == shape
+    m = cfg.server_model
+    labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
+    model = node_model(m, labels, 0, "server", cfg.image_shape)
+    ids = labels.encode(torch.zeros(1, dtype=torch.long), 0)
+    with torch.no_grad():
+        out = model(torch.zeros(1, *shape), torch.tensor([10]), class_labels=ids).sample
+    assert out.shape == (1, *shape)
