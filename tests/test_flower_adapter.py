@@ -302,11 +302,11 @@ def test_flower_pki_makes_a_chain_clients_can_verify(tmp_path, capsys):
 
 
 def test_export_client_data_gives_each_site_only_its_images(setup):
-    from collafuse.data import load_client_datasets, load_client_folder
+    from collafuse.data import load_client_datasets, load_client_source
 
     ref = load_client_datasets(setup.cfg.data, setup.cfg.num_classes, setup.cfg.seeds.data)
     for i, node in enumerate(setup.nodes.values()):
-        got = load_client_folder(node["data-dir"], i, setup.cfg.num_classes)
+        got = load_client_source(node["data-dir"], i, setup.cfg.data, setup.cfg.num_classes)
         for k in ("train_x", "train_y", "test_x", "test_y"):
             assert torch.equal(getattr(got, k), getattr(ref[i], k))  # bit-identical round trip through uint8 IDX
     assert set(ref[0].train_y.tolist()).isdisjoint(ref[1].train_y.tolist())

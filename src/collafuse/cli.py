@@ -16,17 +16,9 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data import DataError
+from .flower.launch import LaunchError  # imports no flwr: launch only starts Flower's processes
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-
-
-class LaunchErrorProxy:
-    """``collafuse.flower.launch.LaunchError`` without importing flwr for the other commands."""
-
-    @staticmethod
-    def types() -> tuple[type[BaseException], ...]:
-        mod = sys.modules.get("collafuse.flower.launch")
-        return (mod.LaunchError,) if mod is not None else ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -225,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except LaunchErrorProxy.types() as e:
+    except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -233,7 +233,8 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def export_client_folders(cfg: DataConfig, num_classes: int, seed: int, out_dir: Path) -> list[Path]:
     """Write each client's partition as its own Fashion-MNIST-layout folder ``out_dir/client<i>/`` (the four IDX
-    files), so a deployed client node can be given only its own images (``data-dir`` in its node config)."""
+    files), so a deployed client node can be given only its own images (``data-dir`` in its node config, read back
+    by ``load_client_source``)."""
     if cfg.dataset not in ("fashion-mnist", "idx") or (cfg.channels or 1) != 1:
         raise DataError(f"data.dataset = {cfg.dataset!r} cannot be exported as IDX folders (allowed: grayscale "
                         f"'fashion-mnist' or 'idx'; give RGB sites their own image folder with partition 'folders')")
@@ -247,17 +248,3 @@ def export_client_folders(cfg: DataConfig, num_classes: int, seed: int, out_dir:
             write_idx(d / FASHION_MNIST_FILES[key], y.numpy().astype(np.uint8))
         paths.append(d)
     return paths
-
-
-def load_client_folder(root: str | Path, index: int, num_classes: int) -> ClientData:
-    """All the images of one client's own folder (Fashion-MNIST layout, e.g. written by ``export_client_folders``):
-    what a deployed client node reads, and all it reads."""
-    arrays = load_fashion_mnist(root)
-    for key in ("train_y", "test_y"):
-        if len(arrays[key]) and int(arrays[key].max()) >= num_classes:
-            raise DataError(f"{root}: labels up to {int(arrays[key].max())} (allowed: [0, {num_classes - 1}])")
-    if len(arrays["train_x"]) == 0:
-        raise DataError(f"{root}: no training images for client {index}")
-    return ClientData(index, to_model_range(arrays["train_x"]),
-                      torch.from_numpy(arrays["train_y"].astype(np.int64)),
-                      to_model_range(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)))

@@ -35,7 +35,7 @@ from ..images import save_grid
 from ..protocol import ANY_CLIENT, Message, ProtocolError, check_message, client_node
 from ..runner import Orchestrator
 from ..server import Server
-from ..transport import MessageLog, error_reply, handle_checked
+from ..transport import MessageLog, handle_checked
 from .codec import decode, encode
 
 logger = logging.getLogger("collafuse.flower")
@@ -196,4 +196,4 @@ def _say(line: str) -> None:
     logger.info(line)
 
 
-__all__ = ["ClientNode", "config_from_run_config", "encode_reply", "error_reply", "run_server"]
+__all__ = ["ClientNode", "config_from_run_config", "encode_reply", "run_server"]
