@@ -42,7 +42,6 @@ from collafuse.config import load_config  # noqa: E402
 from collafuse.evaluate import disclosure_section, fidelity_section  # noqa: E402
 from collafuse.features import get_extractor  # noqa: E402
 from collafuse.runner import Federation, load_run  # noqa: E402
-from collafuse.seeding import generator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 120.0  # issue 3: 1,000 samples per client evaluated in at most 2 minutes on 2 cores
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.sample_n:
         t = time.perf_counter()
-        fed.sample(0, a.sample_n, generator(cfg.seeds.sample, "bench", 0))
+        fed.sample(0, a.sample_n, fed.clients[0].stream("bench", cfg.seeds.sample))
         per_img = (time.perf_counter() - t) / a.sample_n
         print(f"sampling ({cfg.sample.sampler.upper()}-{cfg.sample.ddim_steps}, cut {cfg.cut}): {per_img:.3f} s/image "
               f"over {a.sample_n} images; generating {a.n} would take about {per_img * a.n:.0f} s per client "

@@ -19,6 +19,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 from collafuse.config import Config, config_from_dict  # noqa: E402
 from collafuse.data import ClientData  # noqa: E402
+from collafuse.seeding import ClientSecret  # noqa: E402
 
 TINY = {
     "data": {"num_clients": 2, "max_train_per_client": 48, "max_test_per_client": 16},
@@ -41,6 +42,18 @@ def merge(base: dict, extra: dict) -> dict:
 def tiny_config(**sections) -> Config:
     """The tiny config, with per-section overrides: ``tiny_config(split={"cut": 0})``."""
     return config_from_dict(merge(TINY, sections))
+
+
+def fixed_secrets(n: int = 3) -> dict[int, ClientSecret]:
+    """Explicit client secrets (reproducible runs): tests that compare two runs bit for bit give both the same ones.
+    By default every client draws its own from OS entropy, and two runs differ."""
+    return {i: ClientSecret(bytes([i + 1]) * 32) for i in range(n)}
+
+
+def write_secrets(path: Path, n: int = 3) -> Path:
+    """``fixed_secrets`` as the client-side TOML file that ``collafuse run --client-secrets`` reads."""
+    path.write_text("".join(f'client{i} = "{s.hex()}"\n' for i, s in fixed_secrets(n).items()))
+    return path
 
 
 def synthetic_clients(cfg: Config, n: int = 24, seed: int = 0) -> list[ClientData]:

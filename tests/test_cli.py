@@ -13,7 +13,7 @@ import tomli_w
 import torch
 
 from collafuse.cli import main
-from conftest import TINY, merge
+from conftest import TINY, merge, write_secrets
 
 OUTPUTS = ["config.toml", "metrics.json", "message_log.jsonl", "report.md", "losses.png"] + [
     f"{kind}_client{i}.png" for kind in ("samples", "cut", "real") for i in range(2)]
@@ -113,7 +113,10 @@ def test_kill_9_then_resume_equals_a_straight_run(tiny_toml, tmp_path):
         return {name: load_file(str(out / "checkpoints" / latest / f"{name}.safetensors"))
                 for name in ("server", "client0", "client1")}
 
-    cmd = [sys.executable, "-m", "collafuse", "run", str(tiny_toml), "--quiet", "--set", "train.rounds=12"]
+    # Both runs get the same explicit client secrets: by default each draws its own and the runs differ.
+    secrets = write_secrets(tmp_path / "secrets.toml", 2)
+    cmd = [sys.executable, "-m", "collafuse", "run", str(tiny_toml), "--quiet", "--set", "train.rounds=12",
+           "--client-secrets", str(secrets)]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

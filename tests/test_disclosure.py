@@ -246,3 +246,30 @@ def test_disclosure_report_is_labelled_and_json_able():
     assert rep0["results"]["reconstruction_rescale"]["mse"] == 0.0
     assert rep0["results"]["reconstruction_tweedie_server"]["mse"] == 0.0
     json.dumps(rep0, allow_nan=False)
+
+
+# -- exact seed ----------------------------------------------------------------------------------------------------
+def test_exact_seed_attack_recovers_a_shared_seed_upload_and_fails_on_a_client_secret():
+    """The report's exact-seed row: with noise from a seed in the shared config (the old scheme) the server
+    rebuilds x0 to float precision; with the client's secret it gets a noisy image and ``recovered`` is False."""
+    from collafuse.seeding import generator
+
+    cfg = tiny_config()
+    data = synthetic_clients(cfg, n=32)
+    x0 = data[1].train_x
+    abar = float(Client(1, data[1], cfg).schedule.alpha_bar[cfg.cut])
+    seeds = [0, 1, 2, 3, 4]  # [seeds] of the shared config as it was (upload = 3)
+    old = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=generator(3, "client1",
+                                                                                                  "upload"))
+    rep = disclosure_report(x0[:8], old[:8], abar, node_id="client1", shared_seeds=seeds, all_uploads=old, ks=())
+    hit = rep["results"]["reconstruction_exact_seed"]
+    assert hit["recovered"] and hit["max_error"] < 1e-5 and hit["stream"] == "generator(3, 'client1', 'upload')"
+    assert hit["psnr"] == 100.0 and hit["box_excess"] < 1e-12 < hit["median_box_excess"]
+    u, _ = Client(1, data[1], cfg).upload()
+    miss = disclosure_report(x0[:8], u[:8], abar, node_id="client1", shared_seeds=seeds, all_uploads=u,
+                             ks=())["results"]["reconstruction_exact_seed"]
+    rescale = rescale_reconstruct(u[:8], abar)
+    assert not miss["recovered"] and miss["max_error"] > 0.5
+    assert miss["psnr"] < score_reconstruction(rescale, x0[:8])["psnr"]  # worse than not trying
+    assert miss["candidates"] == len(set(seeds) | set(range(16))) * 7
+    json.dumps(rep, allow_nan=False)

@@ -22,7 +22,7 @@ from collafuse.flower.codec import decode, encode  # noqa: E402
 from collafuse.flower.task import ClientNode, run_server  # noqa: E402
 from collafuse.protocol import SERVER, Message, ProtocolError  # noqa: E402
 from collafuse.runner import Federation  # noqa: E402
-from conftest import TINY, merge  # noqa: E402
+from conftest import TINY, fixed_secrets, merge  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -90,8 +90,12 @@ def setup(idx_dataset, tmp_path):
     toml.write_text(cfg.to_toml())
     folders = export_client_folders(cfg.data, cfg.num_classes, cfg.seeds.data, tmp_path / "sites")
     run_config = {"config": str(toml), "out": str(tmp_path / "server"), "join-timeout": 5, "samples": 3}
-    nodes = {1000 + i: {"client-id": i, "data-dir": str(d), "state-dir": str(tmp_path / f"node{i}")}
-             for i, d in enumerate(folders)}
+    # Each site's explicit secret in a client-side file, so a run over Flower can be compared with an in-process
+    # one given the same secrets (Federation(..., secrets=fixed_secrets(2))).
+    for i, s in fixed_secrets(2).items():
+        (tmp_path / f"secret{i}").write_text(s.hex())
+    nodes = {1000 + i: {"client-id": i, "data-dir": str(d), "state-dir": str(tmp_path / f"node{i}"),
+                        "secret-file": str(tmp_path / f"secret{i}")} for i, d in enumerate(folders)}
     return SimpleNamespace(cfg=cfg, toml=toml, run_config=run_config, nodes=nodes, tmp=tmp_path)
 
 
@@ -117,8 +121,10 @@ def test_codec_round_trip_is_bit_exact():
     (RecordDict({"envelope": ConfigRecord({"kind": "upload"}), "arrays": ArrayRecord()}), "string fields"),
     (RecordDict({"envelope": ConfigRecord({"kind": "a", "sender": "b", "receiver": "c", "evil": 1}),
                  "arrays": ArrayRecord()}), "not allowed"),
+    (RecordDict({"envelope": ConfigRecord({"kind": "sample_request", "sender": "client0", "receiver": SERVER}),
+                 "arrays": ArrayRecord({"y": Array(torch.zeros(2, dtype=torch.float16).numpy())})}), "float16"),
     (RecordDict({"envelope": ConfigRecord({"kind": "a", "sender": "b", "receiver": "c"}),
-                 "arrays": ArrayRecord({"x": Array(torch.zeros(2, dtype=torch.float16).numpy())})}), "float16"),
+                 "arrays": ArrayRecord({"x": Array(torch.zeros(2).numpy())})}), "kind 'a' is not allowed"),
 ])
 def test_malformed_flower_content_is_a_protocol_error(content, match):
     with pytest.raises(ProtocolError, match=match):
@@ -134,7 +140,7 @@ def test_rounds_over_the_flower_adapter_equal_rounds_in_process(setup, rounds):
     flower_w, state = _server_weights(setup.tmp / "server")
     cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
                                         "train": {"rounds": rounds}}))
-    fed = Federation(cfg)
+    fed = Federation(cfg, secrets=fixed_secrets(2))
     fed.train(progress=False)
     local_w, _ = fed.server.state()
     assert flower_w.keys() == local_w.keys()
@@ -200,7 +206,7 @@ def test_a_server_crash_resumes_from_the_last_round_and_ends_identical(setup):
     crashed, _ = _server_weights(setup.tmp / "server")
     cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
                                         "train": {"rounds": 3}}))
-    fed = Federation(cfg)
+    fed = Federation(cfg, secrets=fixed_secrets(2))
     fed.train(progress=False)
     straight, _ = fed.server.state()
     assert all(torch.equal(crashed[k], straight[k]) for k in straight)
@@ -258,6 +264,73 @@ def test_a_malformed_upload_over_flower_is_refused_and_never_poisons_the_server(
     w, meta = nodes[SERVER]
     assert set(meta["client_labels"]) == {"0"}  # only client0's upload was ever accepted
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+
+
+def _npy(a) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("held", ["structured", "string"])
+def test_npy_bytes_that_are_not_the_declared_float32_are_refused_and_the_run_goes_on(setup, held, caplog):
+    """A client1 whose upload declares float32 [B,1,28,28] but whose .npy bytes hold a structured or string array
+    (this made decode raise TypeError, which ended the ServerApp run)."""
+    import numpy as np
+
+    def rewrite(content, kind):
+        if kind != "upload_request":
+            return content
+        x = content.array_records["arrays"]["x_cut"]
+        n = x.shape[0]
+        fake = np.zeros(n, dtype=[("a", "<f4"), ("b", "<i4")]) if held == "structured" else np.array(["ab"] * n)
+        content.array_records["arrays"]["x_cut"] = Array(dtype="float32", shape=tuple(x.shape), stype=x.stype,
+                                                         data=_npy(fake))
+        return content
+
+    rc = {**setup.run_config, "samples": 0}
+    grid = FakeGrid(rc, setup.nodes)
+    grid.hostile[1001] = rewrite
+    m = run_server(grid, rc)
+    assert m["rounds_done"] == setup.cfg.train.rounds  # the run went on
+    assert any("client1 skipped" in e and "hold dtype" in e for e in m["events"]), m["events"]
+    server_log = [json.loads(x) for x in (setup.tmp / "server" / "message_log.jsonl").read_text().splitlines()]
+    rejected = [r for r in server_log if r.get("rejected")]
+    assert rejected and all(r["sender"] == "client1" for r in rejected)
+    assert "declared float32" in rejected[0]["rejected"]
+    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+
+    nodes, _ = load_checkpoint(latest_checkpoint(setup.tmp / "server" / "checkpoints"))
+    assert set(nodes[SERVER][1]["client_labels"]) == {"0"}  # client1's upload never reached the server
+
+
+def test_any_exception_while_reading_a_reply_is_a_refusal_not_the_end_of_the_run(setup, caplog, monkeypatch):
+    """The last line of defence: whatever a reply makes the reading code raise is logged with its traceback and
+    treated as a refused reply (here decode itself fails with a RuntimeError on client1's train replies)."""
+    import collafuse.flower.transport as ft
+
+    real = ft.decode
+
+    def broken(content):
+        msg = real(content)
+        if msg.kind == "train_reply" and msg.sender == "client1":
+            raise RuntimeError("a bug below decode")
+        return msg
+
+    monkeypatch.setattr(ft, "decode", broken)
+    rc = {**setup.run_config, "samples": 0}
+    m = run_server(FakeGrid(rc, setup.nodes), rc)
+    assert m["rounds_done"] == setup.cfg.train.rounds
+    assert m["history"]["losses"]["client1"] == [None] * setup.cfg.train.rounds
+    assert all(x is not None for x in m["history"]["losses"]["client0"])
+    assert "Traceback" in caplog.text and "RuntimeError: a bug below decode" in caplog.text
+    server_log = [json.loads(x) for x in (setup.tmp / "server" / "message_log.jsonl").read_text().splitlines()]
+    rejected = [r for r in server_log if r.get("rejected")]
+    assert len(rejected) == setup.cfg.train.rounds and all("could not be read" in r["rejected"] for r in rejected)
 
 
 def test_a_node_cannot_sample_under_another_clients_private_labels(setup, caplog):
@@ -332,3 +405,55 @@ def test_a_node_with_a_bad_node_config_says_which_key(setup, node_config, match)
 
     with pytest.raises(ConfigError, match=match):
         ClientNode(setup.cfg, node_config, str(setup.tmp / "server"))
+
+
+# -- privacy over Flower -----------------------------------------------------------------------------------------------
+def test_an_attacker_with_everything_the_flower_server_holds_cannot_beat_the_posterior_mean(setup):
+    """The attacker of test_privacy.py over the Flower adapter: the server's run directory, the run config and
+    every message that reached the ServerApp. Each node made its own secret from OS entropy in its state dir."""
+    from collafuse.seeding import ClientSecret
+    from server_attacker import (
+        posterior_mean_iid,
+        psnr,
+        reconstructions,
+        restored_server,
+        secret_appears_in,
+        server_side_files,
+    )
+
+    nodes = {n: {k: v for k, v in c.items() if k != "secret-file"} for n, c in setup.nodes.items()}
+    rc = {**setup.run_config, "set": "train.rounds=2", "samples": 2}
+    grid = FakeGrid(rc, nodes)
+    received = []
+    pull = grid.pull_messages
+    grid.pull_messages = lambda ids: [received.append(r) or r for r in pull(ids)]
+    run_server(grid, rc)
+    uploads = {}
+    for r in received:
+        if len(r.content.keys()):
+            msg = decode(r.content)
+            if msg.kind == "upload":
+                uploads[int(msg.sender[6:])] = (msg.arrays["x_cut"], msg.arrays["y"])
+    assert sorted(uploads) == [0, 1]
+    out = setup.tmp / "server"
+    files = server_side_files(out)
+    files["run_config"] = json.dumps(rc).encode()
+    files.update({f"message{i}": json.dumps(dict(r.content.config_records["envelope"])).encode() +
+                  b"".join(a.data for a in r.content.array_records["arrays"].values())
+                  for i, r in enumerate(received) if len(r.content.keys())})
+    server = restored_server(out)
+    abar = float(server.schedule.alpha_bar[setup.cfg.cut])
+    support = torch.arange(256) / 127.5 - 1  # the IDX fixture's pixels: uniform over the 256 grey levels
+    truth = {c: ClientNode(setup.cfg, nodes[1000 + c], rc["out"]).role for c in (0, 1)}
+    for c, rec in reconstructions(server, uploads).items():
+        secret_file = setup.tmp / f"node{c}" / "client.secret"
+        secret = ClientSecret.from_hex(secret_file.read_text())
+        assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+        assert secret_appears_in(files, bytes.fromhex(secret.hex())) == []
+        x0 = truth[c].data.train_x
+        assert torch.equal(truth[c].upload()[0], uploads[c][0])  # the restored client re-sends the same view
+        bound = psnr(posterior_mean_iid(uploads[c][0], abar, support), x0)
+        scores = {name: psnr(x, x0) for name, x in rec.items()}
+        assert 8 < bound < 30 and max(scores.values()) > bound - 3
+        assert all(v <= bound + 0.5 for v in scores.values()), (bound, scores)
+        assert float((rec["exact_seed"] - x0).abs().max()) > 0.5

@@ -34,7 +34,7 @@ from collafuse.flower.launch import (  # noqa: E402
 )
 from collafuse.protocol import SERVER  # noqa: E402
 from collafuse.runner import Federation  # noqa: E402
-from conftest import TINY, merge  # noqa: E402
+from conftest import TINY, fixed_secrets, merge  # noqa: E402
 
 pytestmark = pytest.mark.flower_e2e
 
@@ -64,12 +64,18 @@ def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
 def test_simulation_runs_the_same_rounds_and_leaves_nothing_running(tmp_path, idx_dataset):
     config = _write_config(tmp_path, idx_dataset)
     out = tmp_path / "sim"
+    # Each simulated node keeps its secret in its own state dir; giving both sides the same ones makes the run
+    # comparable with an in-process one (by default each node draws its own from OS entropy).
+    for i, s in fixed_secrets(2).items():
+        (out / "nodes" / f"client{i}").mkdir(parents=True)
+        (out / "nodes" / f"client{i}" / "client.secret").write_text(s.hex())
     m = simulate(config, out, samples=2, timeout=600)
     assert m["rounds_done"] == 2 and m["samples_finished"] == {"client0": 2, "client1": 2}
     assert all((out / "nodes" / f"client{i}" / "samples" / "batch_0000.png").is_file() for i in range(2))
     # Equivalence with the in-process runner: the server weights are bit-identical (tolerance 0).
     nodes, _ = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    fed = Federation(config_from_dict(merge(TINY, {"data": {"root": str(idx_dataset), "num_clients": 2}})))
+    fed = Federation(config_from_dict(merge(TINY, {"data": {"root": str(idx_dataset), "num_clients": 2}})),
+                     secrets=fixed_secrets(2))
     fed.train(progress=False)
     local, _ = fed.server.state()
     assert all(torch.equal(nodes[SERVER][0][k], local[k]) for k in local)

@@ -1,15 +1,29 @@
-"""The privacy invariant, checked on a full tiny run and on what the server object actually holds."""
+"""The privacy invariant, checked on a full tiny run, on what the server object actually holds, and by an attacker
+given everything the server holds (server_attacker.py)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from collafuse.checkpoint import write_text_atomic
 from collafuse.client import Client
+from collafuse.config import ConfigError, config_from_dict
 from collafuse.protocol import SERVER, SPECS, Message, ProtocolError, check_message
 from collafuse.runner import Federation
-from collafuse.seeding import generator
-from conftest import synthetic_clients, tiny_config
+from collafuse.seeding import ClientSecret, generator
+from conftest import TINY, fixed_secrets, merge, synthetic_clients, tiny_config
+from server_attacker import (
+    posterior_mean_iid,
+    psnr,
+    reconstructions,
+    restored_server,
+    secret_appears_in,
+    server_side_files,
+    train_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +83,8 @@ def test_server_never_holds_x0_or_eps(trained):
     assert len(held) >= 48  # it does hold the uploads
     for c in trained.clients:
         x0 = c.data.train_x.reshape(-1, 28 * 28)
-        eps = torch.randn(c.data.train_x.shape, generator=generator(c.cfg.seeds.upload, c.node_id, "upload"))
-        eps = eps.reshape(-1, 28 * 28)
+        secret = ClientSecret.from_tensor(c.state()[0]["secret"])  # the test's god view of the client
+        eps = torch.randn(c.data.train_x.shape, generator=secret.generator("upload", 1)).reshape(-1, 28 * 28)
         for secret in (x0, eps, -eps):
             assert torch.cdist(secret, held).min() > 1.0  # nothing the server holds is (close to) a secret
         # ...and what it holds for this client is exactly the q(x_cut | x0) view, with the client's noise.
@@ -91,9 +105,12 @@ def test_uploads_for_an_image_are_identical_across_rounds():
     fed.train(progress=False)
     for k, u in first.items():
         assert torch.equal(fed.server.uploads[k][0], u)
-    # A fresh client object with the same secret seed recomputes the same bytes.
-    again = Client(0, data[0], cfg).upload()[0]
-    assert torch.equal(again, first[0])
+    # A fresh client object restored from the client's own state (a restart) recomputes the same bytes...
+    again = Client(0, data[0], cfg)
+    again.load_state(*fed.clients[0].state())
+    assert torch.equal(again.upload()[0], first[0])
+    # ...and one that draws its own secret (no state) sends another view.
+    assert not torch.equal(Client(0, data[0], cfg).upload()[0], first[0])
     sent = [r for r in fed.log.records if r["kind"] == "upload"]
     assert len(sent) == 2 * cfg.data.num_clients  # asked twice, same view both times
 
@@ -150,12 +167,86 @@ def test_baselines_run_through_the_same_loop():
 def test_fresh_upload_noise_is_off_by_default_and_sends_one_view_per_round_when_on():
     cfg = tiny_config(train={"rounds": 3}, split={"cut": 6, "fresh_upload_noise": True})
     data = synthetic_clients(cfg, n=16)
-    fed = Federation(cfg, data)
+    fed = Federation(cfg, data, secrets=fixed_secrets(2))
     views = []
     fed.train(progress=False, on_round=lambda r: views.append(fed.server.uploads[0][0].clone()))
     assert sum(r["kind"] == "upload" for r in fed.log.records) == 3 * cfg.data.num_clients
     assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
-    default = Federation(tiny_config(train={"rounds": 1}), data)
+    default = Federation(tiny_config(train={"rounds": 1}), data, secrets=fixed_secrets(2))
     default.train(progress=False)
     assert torch.equal(views[0], default.server.uploads[0][0])  # round 1 is the default view
     assert tiny_config().identity_hash() != cfg.identity_hash()
+
+
+# -- the server as an attacker -----------------------------------------------------------------------------------------
+def _bound_and_attacks(cfg, data, run_dir, uploads):
+    """Posterior-mean PSNR bound (closed form for the i.i.d. uniform pixels of ``synthetic_clients``) and the PSNR
+    of every attack the server can run from its own files and the uploads it received."""
+    server = restored_server(run_dir)
+    abar = float(server.schedule.alpha_bar[cfg.cut])
+    support = torch.linspace(-1, 1, 4001)  # a fine grid of the continuous U[-1, 1] prior
+    out = {}
+    for c, rec in reconstructions(server, uploads).items():
+        x0 = data[c].train_x
+        bound = psnr(posterior_mean_iid(uploads[c][0], abar, support), x0)
+        out[c] = (bound, {name: psnr(x, x0) for name, x in rec.items()},
+                  float((rec["exact_seed"] - x0).abs().max()))
+    return out
+
+
+@pytest.mark.parametrize("cut", [3, 6, 10])
+def test_an_attacker_with_everything_the_server_holds_cannot_beat_the_posterior_mean(tmp_path, cut):
+    """Give the attacker the server's run directory (config.toml, its checkpoint, state.json, the message log) and
+    the uploads it received. Rebuilding the noise from every seed it can know fails, and no attack reconstructs
+    the training images better than the posterior mean E[x0 | u], the best any estimator from one view can do."""
+    cfg = tiny_config(split={"cut": cut}, train={"rounds": 2})
+    data = synthetic_clients(cfg, n=64)
+    fed = train_run(tmp_path, cfg, data)
+    files = server_side_files(tmp_path)
+    assert {"config.toml", "message_log.jsonl"} <= set(files) and any(f.endswith("server.safetensors") for f in files)
+    for c in fed.clients:
+        secret = bytes(c.state()[0]["secret"].tolist())
+        assert secret_appears_in(files, secret) == []  # ...but it is in the client's own checkpoint file
+        assert secret_appears_in({"own": (tmp_path / "checkpoints" / "round_000002" / f"{c.node_id}.safetensors")
+                                  .read_bytes()}, secret) == ["own"]
+    for c, (bound, attacks, exact_err) in _bound_and_attacks(cfg, data, tmp_path, fed.server.uploads).items():
+        assert 8 < bound < 30  # a noisy view: the bound itself is far from exact recovery
+        for name, value in attacks.items():
+            assert value <= bound + 0.5, f"client{c} {name}: {value:.2f} dB beats the bound {bound:.2f} dB"
+        assert max(attacks.values()) > bound - 3  # and the attacker is competent: its best is near the bound
+        assert attacks["exact_seed"] < bound and exact_err > 0.5  # the exact-seed attack fails outright
+
+
+def test_the_same_attacker_recovers_every_image_when_the_upload_seed_is_shared(tmp_path):
+    """The attack has teeth: with the old scheme (noise from the shared seed 3 and the node id) it rebuilds x0."""
+    cfg = tiny_config(split={"cut": 6}, train={"rounds": 1})
+    data = synthetic_clients(cfg, n=64)
+    fed = Federation(cfg, data)
+    write_text_atomic(tmp_path / "config.toml", cfg.to_toml())
+    fed.train(tmp_path / "checkpoints", progress=False)
+    abar = float(fed.server.schedule.alpha_bar[6])
+    old = {}
+    for c in fed.clients:  # what Client.upload computed before client secrets: generator(seeds.upload=3, id, ...)
+        eps = torch.randn(c.data.train_x.shape, generator=generator(3, c.node_id, "upload"))
+        old[c.index] = (abar ** 0.5 * c.data.train_x + (1 - abar) ** 0.5 * eps, c.data.train_y)
+    for bound, attacks, exact_err in _bound_and_attacks(cfg, data, tmp_path, old).values():
+        assert exact_err < 1e-4 and attacks["exact_seed"] > bound + 40
+
+
+def test_streams_of_two_clients_and_two_runs_differ_and_none_is_a_shared_seed_stream():
+    cfg = tiny_config()
+    data = synthetic_clients(cfg, n=16)
+    a, b = Federation(cfg, data), Federation(cfg, data)
+    ua, ub = a.clients[0].upload()[0], b.clients[0].upload()[0]
+    assert not torch.equal(ua, ub)  # OS entropy: two runs of one config send different views
+    assert not torch.equal(a.clients[0].learner.model.conv_in.weight, b.clients[0].learner.model.conv_in.weight)
+    # Given the same secret, two runs agree exactly (reproducible experiments).
+    s = fixed_secrets(2)
+    x, y = Federation(cfg, data, secrets=s), Federation(cfg, data, secrets=s)
+    assert torch.equal(x.clients[1].upload()[0], y.clients[1].upload()[0])
+
+
+def test_a_shared_upload_seed_in_the_config_is_refused():
+    with pytest.raises(ConfigError, match=r"seeds.upload = 3 is not allowed"):
+        config_from_dict(merge(TINY, {"seeds": {"upload": 3}}))
+    assert "upload" not in json.dumps(tiny_config().to_dict()["seeds"])

@@ -8,12 +8,13 @@ import torch
 import collafuse.checkpoint as checkpoint
 from collafuse.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from collafuse.runner import Federation
-from conftest import synthetic_clients, tiny_config
+from conftest import fixed_secrets, synthetic_clients, tiny_config
 
 
 def _fed(rounds: int, **sections) -> Federation:
     cfg = tiny_config(train={"rounds": rounds, "checkpoint_every": 1}, **sections)
-    return Federation(cfg, synthetic_clients(cfg, n=16))
+    # The same explicit secrets in every federation of this file: each is compared with another bit for bit.
+    return Federation(cfg, synthetic_clients(cfg, n=16), secrets=fixed_secrets(cfg.data.num_clients))
 
 
 def _assert_same_state(a: Federation, b: Federation) -> None:

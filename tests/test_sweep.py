@@ -70,6 +70,11 @@ def test_tiny_sweep_end_to_end_and_resume(sweep_toml, tmp_path, capsys):
     assert metrics["hypotheses"]["H3"]["holds"] is True  # client sampling FLOPs grow with the cut, exactly
     ev = json.loads((out / "cut_0006" / "evaluation.json").read_text())
     assert ev["disclosure"]["client0"]["results"]["linkage"]["pool_size"] == 40
+    # The exact-seed attack runs on every client and fails on every one: the report says "0/2" recovered.
+    assert all(not ev["disclosure"][c]["results"]["reconstruction_exact_seed"]["recovered"]
+               for c in ("client0", "client1"))
+    assert next(line for line in report.splitlines() if line.startswith("| 6 |") and "nothing" not in line
+                and line.count("|") == 8).endswith(", 0/2 |")
     assert json.loads((out / f"cut_{T:04d}" / "evaluation.json").read_text())["disclosure"]["skipped"]
     # Resume: nothing is trained or evaluated again (the evaluation files keep their bytes).
     before = {p: p.read_bytes() for p in out.glob("cut_*/evaluation.json")}

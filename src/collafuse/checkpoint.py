@@ -41,10 +41,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a partial one."""
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a partial one.
+
+    ``mode`` (e.g. 0o600 for a secret) is set on the temporary file before any byte is written."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    if mode is not None:
+        os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask and ignored for an existing file
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

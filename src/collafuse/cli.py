@@ -16,9 +16,10 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data import DataError
-from .flower.launch import LaunchError  # imports no flwr: launch only starts Flower's processes
+from .flower.launch import LaunchError
+from .seeding import SecretError  # imports no flwr: launch only starts Flower's processes
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, SecretError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="torch device, overrides run.device (e.g. cpu, cuda)")
     run.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--client-secrets", metavar="FILE",
+                     help="client-side TOML of explicit client secrets (client0 = \"hex\"), for a reproducible run; "
+                          "default: each client draws its own from OS entropy (see 'collafuse secrets')")
 
     smp = sub.add_parser("sample", help="generate images for one client from a trained run")
     smp.add_argument("run_dir", help="a directory written by 'collafuse run'")
@@ -58,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every run, e.g. --set train.rounds=40")
     sw.add_argument("--device", help="torch device, overrides run.device")
+    sw.add_argument("--client-secrets", metavar="FILE", help="explicit client secrets for every run (see run)")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
@@ -86,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--nodes", default="", help="comma-separated SuperNode names to make key pairs for, e.g. "
                                                 "site0,site1 (a site can instead make its own with --nodes NAME)")
 
+    sc = sub.add_parser("secrets", help="write fresh client secrets (OS entropy) to a client-side file, for "
+                        "reproducible runs with --client-secrets; never give the file to the server")
+    sc.add_argument("--clients", type=int, required=True, help="number of clients")
+    sc.add_argument("--out", required=True, help="file to write (mode 0600; an existing file is not overwritten)")
+
     ex = sub.add_parser("export-client-data", help="write each client's partition as its own IDX folder (what a "
                                                    "deployed client node reads)")
     ex.add_argument("config", help="TOML config")
@@ -98,13 +108,30 @@ def _with_device(overrides: list[str], device: str | None) -> list[str]:
     return overrides + ([f"run.device={json.dumps(device)}"] if device else [])
 
 
+def _secrets(args) -> dict | None:
+    from .seeding import read_secrets_file
+
+    return read_secrets_file(Path(args.client_secrets)) if args.client_secrets else None
+
+
+def cmd_secrets(args) -> int:
+    from .seeding import write_secrets_file
+
+    if args.clients < 1:
+        raise ConfigError(f"--clients = {args.clients} is invalid (allowed: an integer >= 1)")
+    write_secrets_file(Path(args.out), args.clients)
+    print(f"wrote {args.clients} client secrets to {args.out} (client-side only: never give it to the server)")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .experiment import run_experiment
 
     cfg: Config = load_config(args.config, _with_device(args.overrides, args.device))
     out = Path(args.out)
     try:
-        report = run_experiment(cfg, out, args.resume, not args.quiet, "collafuse " + shlex.join(sys.argv[1:]))
+        report = run_experiment(cfg, out, args.resume, not args.quiet, "collafuse " + shlex.join(args.argv),
+                                _secrets(args))
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: collafuse run {args.config} --out {out} --resume", file=sys.stderr)
         return 130
@@ -142,13 +169,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_sweep(args, argv: list[str] | None = None) -> int:
+def cmd_sweep(args) -> int:
     from .sweep import parse_cuts, run_sweep
 
     overrides = _with_device(args.overrides, args.device)
     try:
         report = run_sweep(args.config, parse_cuts(args.cuts), Path(args.out), overrides, progress=not args.quiet,
-                           command="collafuse " + shlex.join(sys.argv[1:] if argv is None else argv))
+                           command="collafuse " + shlex.join(args.argv),
+                           secrets=_secrets(args))
     except KeyboardInterrupt:
         print(f"\ninterrupted; the same command resumes: collafuse sweep {args.config} --cuts {args.cuts} "
               f"--out {args.out}", file=sys.stderr)
@@ -208,11 +236,11 @@ def cmd_export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach for a model hub
     args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in reports
     try:
-        if args.command == "sweep":
-            return cmd_sweep(args, argv)
-        commands = {"run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate, "flower-sim": cmd_flower,
-                    "flower-deploy": cmd_flower, "export-client-data": cmd_export, "flower-pki": cmd_pki}
+        commands = {"sweep": cmd_sweep, "run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate,
+                    "flower-sim": cmd_flower, "flower-deploy": cmd_flower, "export-client-data": cmd_export,
+                    "flower-pki": cmd_pki, "secrets": cmd_secrets}
         return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ from .diffusion import DiffusionSchedule, denoise, split_timesteps
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
-from .seeding import generator as make_generator
+from .seeding import ClientSecret, SecretError
 from .transport import Transport
 
 logger = logging.getLogger("collafuse.client")
@@ -28,9 +28,14 @@ class Client:
         data (`ClientData`): the client's private train/test images. They never leave this object.
         cfg (`Config`): the run configuration (cut, client model, training and sampling settings, seeds).
         device (`str`, *optional*): defaults to ``cfg.run.device``.
+        secret (`ClientSecret`, *optional*): the root of this client's upload noise, model init, training and
+            sampling noise. Defaults to a fresh one from OS entropy; a checkpoint's secret replaces it on
+            ``load_state``. Give one only for a reproducible experiment, from a client-side file (never from the
+            shared config, which the server holds too).
     """
 
-    def __init__(self, index: int, data: ClientData, cfg: Config, device: str | None = None):
+    def __init__(self, index: int, data: ClientData, cfg: Config, device: str | None = None,
+                 secret: ClientSecret | None = None):
         self.index = index
         self.node_id = client_node(index)
         self.cfg = cfg
@@ -39,11 +44,16 @@ class Client:
         self.device = torch.device(device or cfg.run.device)
         self.schedule = DiffusionSchedule(cfg.diffusion)
         self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, cfg.client_model.condition_on_class, False)
-        model = node_model(cfg.client_model, self.labels, cfg.seeds.init, self.node_id, cfg.image_shape)
-        self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, self.node_id),
-                               make_generator(cfg.seeds.sample, self.node_id), str(self.device))
-        # The client's secret: the seed of its upload noise. Drawn once, never re-drawn (split-protocol.md).
-        self._upload_seed = (cfg.seeds.upload, self.node_id)
+        # Every stream of this client comes from its secret (seeding.py): the server holds cfg and the node id,
+        # so a stream derived from them alone would let it rebuild the upload noise and recover x0 exactly.
+        # The public [seeds] still enter as names, so changing a seed in the config changes the stream.
+        self._secret = secret if secret is not None else ClientSecret.new()
+        self._secret_given = secret is not None
+        seeds = cfg.seeds
+        model = node_model(cfg.client_model, self.labels, self._secret.seed("init", seeds.init), self.node_id,
+                           cfg.image_shape)
+        self.learner = Learner(model, cfg.train, self._secret.generator("noise", seeds.noise),
+                               self._secret.generator("sample", seeds.sample), str(self.device))
         self._upload: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (view number, u, y)
         self._train_x = data.train_x.to(self.device)
         self._train_y = data.train_y.to(self.device)
@@ -63,16 +73,15 @@ class Client:
 
     # -- training -----------------------------------------------------------------------------------------------------
     def upload(self, round_: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the secret seed.
+        """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the client's secret.
 
         Computed once and cached; recomputing from the same seed gives the same bytes, so a repeated upload
         (e.g. after a server restart) tells the server nothing new. Only with ``split.fresh_upload_noise`` does
-        round r > 1 draw a new view (its own seed), and the server then collects one view per round.
+        round r > 1 draw a new view (its own stream of the secret), and the server then collects one per round.
         """
         view = round_ if self.cfg.split.fresh_upload_noise else 1
         if self._upload is None or self._upload[0] != view:
-            names = ("upload",) if view == 1 else ("upload", view)
-            rng = make_generator(*self._upload_seed, *names)
+            rng = self._secret.generator("upload", view)
             eps = torch.randn(self.data.train_x.shape, generator=rng)
             u = self.schedule.noise(self.data.train_x, eps, self.cut)
             self._upload = (view, u.contiguous(), self.data.train_y.clone())
@@ -183,9 +192,14 @@ class Client:
                 out[k].append(v.cpu())
         return {k: torch.cat(v) for k, v in out.items()}
 
-    # -- checkpoint state: everything the node must keep to resume exactly lives in its Learner ---------------------
+    def stream(self, *names: object) -> torch.Generator:
+        """A CPU generator from this client's secret, e.g. ``stream("eval", seed)`` for evaluation samples."""
+        return self._secret.generator("stream", *names)
+
+    # -- checkpoint state: the Learner (model, Adam, EMA, RNG streams), the round counter and the secret ----------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = self.learner.state()
+        tensors["secret"] = self._secret.tensor()  # this client's own checkpoint file only, never the server's
         meta["rounds_done"] = self.rounds_done
         meta["last_loss"] = None if math.isnan(self.last_loss) else self.last_loss
         if self._pending_y is not None:
@@ -193,6 +207,15 @@ class Client:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if "secret" not in tensors:
+            raise SecretError(f"{self.node_id}'s checkpoint holds no client secret: it was written before client "
+                              f"secrets (its upload noise was derivable by the server); train the run again")
+        saved = ClientSecret.from_tensor(tensors["secret"])
+        if self._secret_given and saved != self._secret:
+            raise SecretError(f"{self.node_id}: the given client secret is not the one this checkpoint was trained "
+                              f"with (allowed: the same secret, or none to use the saved one)")
+        self._secret = saved  # re-sent uploads stay bit-identical across restarts
+        self._upload = None
         self.learner.load_state(tensors, meta)
         self.rounds_done = int(meta.get("rounds_done", 0))  # 0 for checkpoints from before the field
         self.last_loss = math.nan if meta.get("last_loss") is None else float(meta["last_loss"])

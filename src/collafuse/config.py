@@ -80,7 +80,7 @@ class SplitConfig:
     cut: int | None = None  # as a step, 0..T
     cut_ratio: float | None = None  # or as the client's share of the chain, cut = round(cut_ratio * T)
     # Re-draw each image's cut noise every round: more training diversity for the server, but K rounds hand it K
-    # independent views whose average has noise sqrt(1 - abar_s / K): less privacy (split-protocol.md). Off.
+    # independent views whose average has noise std sqrt((1 - abar_s) / K): less privacy (split-protocol.md). Off.
     fresh_upload_noise: bool = False
     # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
     max_upload_images: int = 100_000
@@ -144,10 +144,16 @@ class EvalConfig:
 
 @dataclass
 class SeedConfig:
+    """Shared seeds: everything here is known to the server (it holds this config).
+
+    They seed the data partition and the server's own streams. A client's streams (upload noise, init, training and
+    sampling noise) come from its secret (seeding.ClientSecret), which never appears in any config; these seeds only
+    enter a client's streams as public names, so changing one still changes them.
+    """
+
     data: int = 0  # data partition and subsampling
     init: int = 1  # model initialisation
     noise: int = 2  # training noise, timesteps and batches (one stream per node)
-    upload: int = 3  # base of each client's secret upload seed; in deployment every client sets its own
     sample: int = 4  # sampling noise
 
 
@@ -298,6 +304,10 @@ def config_from_dict(data: dict) -> Config:
     hints = typing.get_type_hints(Config)
     cfg = Config()
     for section, values in data.items():
+        if section == "seeds" and isinstance(values, dict) and "upload" in values:
+            raise ConfigError(f"seeds.upload = {values['upload']!r} is not allowed: a shared seed lets the server "
+                              f"rebuild the upload noise; each client's upload noise comes from its own secret "
+                              f"(remove the key; see README, Seeds)")
         if section not in hints:
             raise ConfigError(f"unknown section [{section}] (allowed: {', '.join(hints)})")
         if not isinstance(values, dict):
@@ -412,8 +422,10 @@ def validate(cfg: Config) -> None:
 
     for key in ("rounds", "batch_size", "checkpoint_every"):
         _require(getattr(tr, key) >= 1, f"train.{key}", getattr(tr, key), "an integer >= 1")
+    # Rounds and client steps travel in messages; keep them inside what protocol.check_message accepts.
+    _require(tr.rounds <= 10**9, "train.rounds", tr.rounds, "an integer in [1, 10**9]")
     for key in ("client_steps", "server_steps"):
-        _require(getattr(tr, key) >= 0, f"train.{key}", getattr(tr, key), "an integer >= 0")
+        _require(0 <= getattr(tr, key) <= 10**7, f"train.{key}", getattr(tr, key), "an integer in [0, 10**7]")
     _require(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
     _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "a number in [0, 1)")
     _require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "a number > 0")

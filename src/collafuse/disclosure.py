@@ -9,6 +9,10 @@ module implements each item so that an evaluation can report it per client next 
 - **reconstruction** (from uploads): the server's best estimate of x0, the posterior mean E[x0 | u], by Tweedie's
   formula from an epsilon-predictor (the server's own model, or a public/analytic denoiser), beside the plain
   rescaling u / sqrt(abar_s); scored with MSE, PSNR and SSIM;
+- **exact seed** (from uploads and the shared config): regenerate the upload noise eps from every seed the server
+  could know (the shared ``[seeds]``, small integers, the node id) and invert u exactly,
+  x0 = (u - sqrt(1 - abar_s) eps) / sqrt(abar_s). It recovered every image while the upload seed was shared; with
+  each client's secret (seeding.ClientSecret) it must fail, and the report shows that it does;
 - **averaging** (only if views were ever re-drawn, an option that is off by default): K fresh views of the same
   image average to one view at a higher effective abar;
 - **proxies** (not attacks): pixel MSE between what the server sees (uploads, sampling hand-offs x_cut) and the
@@ -30,6 +34,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .models import predict_eps
+from .seeding import generator as shared_generator
 
 if TYPE_CHECKING:  # only for annotations: a Server pulls in the whole training stack
     from .server import Server
@@ -384,6 +389,64 @@ def score_reconstruction(x_hat: torch.Tensor, x0: torch.Tensor, psnr_cap: float 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Exact seed
+
+
+def seed_candidates(node_id: str, shared_seeds: Sequence[int] = (), small: int = 16) -> list[tuple[str, Callable]]:
+    """Every upload-noise stream a server could try: (label, () -> torch.Generator).
+
+    Bases: the shared ``[seeds]`` values and the integers 0..small-1. Streams: ``seeding.generator`` with the names
+    a client might have used (its node id, "upload", the view number 1), and a plain ``manual_seed(base)``. The old
+    scheme (base ``seeds.upload`` = 3, names (node id, "upload")) is among them.
+    """
+    bases = sorted({*map(int, shared_seeds), *range(small)})
+    names = [(node_id, "upload"), (node_id, "upload", 1), ("upload", node_id), (node_id,), ("upload",), ()]
+    out: list[tuple[str, Callable]] = []
+    for b in bases:
+        out.append((f"manual_seed({b})", lambda b=b: torch.Generator().manual_seed(b)))
+        for n in names:
+            out.append((f"generator({b}, {', '.join(map(repr, n))})", lambda b=b, n=n: shared_generator(b, *n)))
+    return out
+
+
+@torch.no_grad()
+def exact_seed_attack(uploads: torch.Tensor, abar_s: float, node_id: str,
+                      shared_seeds: Sequence[int] = ()) -> tuple[torch.Tensor, dict]:
+    """Invert every upload with each candidate noise stream and keep the one the server would believe.
+
+    The server does not know x0, but it knows x0 lies in [-1, 1]: with the right eps the inversion
+    (u - sqrt(1 - abar_s) eps) / sqrt(abar_s) lands inside the box (up to float error), with a wrong one it carries
+    noise of std sqrt(2 (1 - abar_s) / abar_s) and leaves it. The candidate with the smallest mean squared excess
+    outside [-1, 1] wins.
+
+    Args:
+        uploads (`torch.Tensor`): [N, C, H, W] one client's whole upload, in order (the stream covers all of it).
+        abar_s (`float`): abar at the cut, in (0, 1].
+        node_id (`str`): the client's node id (the server knows it).
+        shared_seeds (`Sequence[int]`): the run config's ``[seeds]`` values (the server holds the config).
+
+    Returns:
+        `tuple[torch.Tensor, dict]`: the winning reconstruction (clipped to [-1, 1]) and ``candidates``, the winning
+        ``stream``, its ``box_excess`` and the median over candidates (near 0 and far above it: recovered).
+    """
+    abar_s = _check_abar(abar_s)
+    u = uploads.float().cpu()
+    best = None
+    excess = []
+    for label, make in seed_candidates(node_id, shared_seeds):
+        eps = torch.randn(u.shape, generator=make())
+        x = (u - math.sqrt(1 - abar_s) * eps) / math.sqrt(abar_s)
+        e = float((x.abs() - 1).clamp_min(0).pow(2).mean())
+        excess.append(e)
+        if best is None or e < best[0]:
+            best = (e, label, x)
+    e, label, x = best
+    info = {"candidates": len(excess), "stream": label, "box_excess": e,
+            "median_box_excess": float(torch.tensor(excess).median())}
+    return x.clamp(-1, 1), info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Averaging
 
 
@@ -529,6 +592,9 @@ def disclosure_report(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     psnr_cap: float = 100.0,
+    node_id: str | None = None,
+    shared_seeds: Sequence[int] = (),
+    all_uploads: torch.Tensor | None = None,
 ) -> dict:
     """Everything an honest-but-curious server could learn about one client's training images, as plain numbers.
 
@@ -539,6 +605,8 @@ def disclosure_report(
     - ``reconstruction_rescale``, ``reconstruction_tweedie_gaussian`` (empirical-Bayes Wiener filter with the
       per-pixel prior the server can fit from the uploads), ``reconstruction_tweedie_server`` (Tweedie with the
       server's own model, `server_eps_fn`, when ``server`` is given and owns a step);
+    - ``reconstruction_exact_seed``: `exact_seed_attack` with the shared seeds, when ``node_id`` is given;
+      ``recovered`` says whether it rebuilt x0 exactly (max error below 1e-3);
     - ``averaging_k{K}_rescale`` / ``averaging_k{K}_tweedie`` for each K in ``ks`` (simulated: the protocol does
       not re-draw views by default);
     - proxies: ``proxy_upload_mse`` (uploads vs their own images, paired), and with ``x_cut`` (the server's sampling
@@ -568,6 +636,10 @@ def disclosure_report(
             seeded 0, so the report is deterministic without touching the global RNG.
         batch_size (`int`, defaults to 256): images per model call.
         psnr_cap (`float`, defaults to 100.0): see `score_reconstruction`.
+        node_id (`str`, *optional*): the client's node id; with it the exact-seed attack runs.
+        shared_seeds (`Sequence[int]`): the ``[seeds]`` values of the shared config, for the exact-seed attack.
+        all_uploads (`torch.Tensor`, *optional*): the client's whole upload when ``uploads`` is its first N rows
+            (a noise stream can only be replayed over the whole upload); defaults to ``uploads``.
 
     Returns:
         `dict`: ``{"abar_s", "n", "pool_size", "results": {name: record}}``, JSON-able (no NaN for N >= 2).
@@ -600,6 +672,12 @@ def disclosure_report(
     if abar_s > 0:
         rec = tweedie_reconstruct(uploads, abar_s, gaussian_eps_fn(abar_s, mu, var), None, batch_size)
         results["reconstruction_tweedie_gaussian"] = record("reconstruction", "tweedie_gaussian_empirical_bayes", rec)
+    if node_id is not None and abar_s > 0:
+        full = uploads if all_uploads is None else all_uploads.float().cpu()
+        x_hat, info = exact_seed_attack(full, abar_s, node_id, shared_seeds)
+        err = float((x_hat[:n] - x0).abs().max()) if n else math.nan
+        results["reconstruction_exact_seed"] = record("reconstruction", "exact_seed_from_shared_config", x_hat[:n],
+                                                      recovered=err < 1e-3, max_error=err, **info)
     server_eps = server_eps_fn(server, client) if server is not None and server.trains else None
     if server_eps is not None and abar_s > 0:
         rec = tweedie_reconstruct(uploads, abar_s, server_eps, labels, batch_size)

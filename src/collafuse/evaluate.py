@@ -12,6 +12,7 @@ checkpoint round and sample count, so a re-evaluation (or a resumed sweep) does 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def generated_samples(fed: Federation, run_dir: Path, client: int, n: int) -> di
         tensors = load_file(str(cache))
         if int(tensors["round"]) == round_ and len(tensors["x0"]) == n:
             return tensors
-    out = fed.sample(client, n, generator(fed.cfg.seeds.sample, "eval", client))
+    out = fed.sample(client, n, fed.clients[client].stream("eval", fed.cfg.seeds.sample))  # client-side secret stream
     out["round"] = torch.tensor(round_)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
@@ -96,6 +97,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
             distractors=pool_x, distractor_labels=pool_y, ks=ks,
             x_cut=samples[c.index]["x_cut"], x_cut_labels=samples[c.index]["y"],
             generator=generator(cfg.seeds.sample, "disclosure", c.index),
+            node_id=c.node_id, shared_seeds=list(dataclasses.asdict(cfg.seeds).values()), all_uploads=uploads,
         )
     return out
 

@@ -11,10 +11,12 @@ from .checkpoint import latest_checkpoint, write_text_atomic
 from .config import Config, ConfigError
 from .report import plot_losses, write_client_images, write_metrics, write_report
 from .runner import Federation
+from .seeding import ClientSecret
 from .transport import MessageLog
 
 
-def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool = True, command: str = "") -> Path:
+def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool = True, command: str = "",
+                   secrets: dict[int, ClientSecret] | None = None) -> Path:
     """Train, sample and report into ``out``; returns the report path.
 
     Args:
@@ -23,6 +25,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool 
         resume (`bool`, defaults to `False`): continue from the last checkpoint in ``out`` (verified first).
         progress (`bool`, defaults to `True`): progress bars for rounds and sampling steps.
         command (`str`): the command line, quoted in the report.
+        secrets (`dict[int, ClientSecret]`, *optional*): explicit client secrets (reproducible runs); by default each
+            client draws its own from OS entropy. Kept in the clients' checkpoint files only.
 
     Raises ``ConfigError``/``CheckpointError``/``DataError`` before anything in ``out`` is written, and lets
     ``KeyboardInterrupt`` through after the last completed checkpoint.
@@ -32,7 +36,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool 
     if existing is not None and not resume:
         raise ConfigError(f"--out {out} already holds a run ({existing.name}); pass --resume to continue it "
                           f"or choose another --out")
-    fed = Federation(cfg, log=MessageLog(out / "message_log.jsonl"))
+    fed = Federation(cfg, log=MessageLog(out / "message_log.jsonl"), secrets=secrets)
     if resume and fed.restore(ckpt_dir):  # verified before anything in out is written
         print(f"resuming {out} after round {fed.history.rounds_done}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)

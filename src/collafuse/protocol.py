@@ -3,19 +3,33 @@
 The table below is the privacy contract of shared/design/split-protocol.md. Every transport checks every message
 against it, so x0, epsilon, client weights or gradients cannot leave a node by accident.
 
-| kind            | direction        | arrays                              | meta                |
-|-----------------|------------------|-------------------------------------|---------------------|
-| upload_request  | server -> client | -                                   | round               |
-| upload          | client -> server | x_cut float32 [B,C,H,W], y int64 [B]| round               |
-| train_request   | server -> client | -                                   | round, steps        |
-| train_reply     | client -> server | -                                   | round, steps, loss  |
-| sample_request  | client -> server | y int64 [n]                         | -                   |
-| sample_response | server -> client | x_cut float32 [n,C,H,W]             | -                   |
-| sample_order    | server -> client | -                                   | n                   |
-| sample_done     | client -> server | -                                   | n                   |
-| error           | either           | -                                   | reason              |
-| join_request    | server -> client | -                                   | -                   |
-| join            | client -> server | -                                   | -                   |
+| kind            | direction        | arrays                              | meta (``?``: optional) |
+|-----------------|------------------|-------------------------------------|------------------------|
+| upload_request  | server -> client | -                                   | round                  |
+| upload          | client -> server | x_cut float32 [B,C,H,W], y int64 [B]| round                  |
+| train_request   | server -> client | -                                   | round, steps           |
+| train_reply     | client -> server | -                                   | round, steps, loss?    |
+| sample_request  | client -> server | y int64 [n]                         | -                      |
+| sample_response | server -> client | x_cut float32 [n,C,H,W]             | -                      |
+| sample_order    | server -> client | -                                   | n                      |
+| sample_done     | client -> server | -                                   | n                      |
+| error           | either           | -                                   | reason                 |
+| join_request    | server -> client | -                                   | -                      |
+| join            | client -> server | -                                   | -                      |
+
+Meta values are typed and bounded (``bool`` is never a number, and no other key is allowed):
+
+| key    | type                      | allowed                                                             |
+|--------|---------------------------|---------------------------------------------------------------------|
+| round  | int                       | [1, 10**9]                                                          |
+| steps  | int                       | [0, 10**7]                                                          |
+| loss   | float (an int is refused) | finite, >= 0 (a mean squared error); omitted when nothing trained   |
+| n      | int                       | [1, 10**6]                                                          |
+| reason | str                       | at most 1024 bytes of UTF-8                                         |
+
+Arrays are float32 / int64 on the wire in little-endian byte order (the Flower codec checks the bytes, not only
+the declared dtype). Node ids are ``server``, ``client<N>`` (N decimal, no leading zeros, at most 9 digits) and,
+only as the receiver of a ``join_request``, ``client*``.
 
 In process a client asks for hand-offs itself (``sample_request``). Over Flower only the server can start an
 exchange, so it first sends ``sample_order`` (n images); the client answers with its ``sample_request``, the server
@@ -24,28 +38,41 @@ leave the client. ``error`` is the reply to a message that was refused; it names
 ``join_request`` / ``join`` let a networked server learn which client a newly connected node is (the reply's
 sender); the receiver of a ``join_request`` is ``client*``, since the server does not know it yet.
 
-``check_message`` checks what any transport can check (kinds, directions, array names, dtypes, ranks, finiteness,
-meta). ``check_content`` checks what needs the run's configuration (image shape, label range, batch limits); the
-receiving role calls it, because the receiver is the one whose rules apply.
+``check_message`` checks what any transport can check (kinds, directions, node ids, array names, dtypes, ranks,
+finiteness, meta keys, types and bounds). ``check_content`` checks what needs the run's configuration (image shape,
+label range, batch limits); the receiving role calls it, because the receiver is the one whose rules apply.
+Every refusal is a ``ProtocolError`` with one line naming what was refused, its (shortened) value and what is
+allowed; values from the message appear only through ``show``, so a reason is short ASCII whatever was sent.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
 SERVER = "server"
+ANY_CLIENT = "client*"  # receiver of a join_request
+
+# client<N>: the form client_node writes. Bounded, so int() of it is cheap (Python refuses ints over 4300 digits).
+_CLIENT_ID = re.compile(r"client(0|[1-9][0-9]{0,8})")
+MAX_REASON_BYTES = 1024
 
 
 def client_node(index: int) -> str:
     return f"client{index}"
 
 
+def is_client_id(node: object) -> bool:
+    """Whether ``node`` is a client's node id, ``client<N>`` (not ``client*``)."""
+    return isinstance(node, str) and _CLIENT_ID.fullmatch(node) is not None
+
+
 def client_index(node: str) -> int:
-    if not node.startswith("client") or not node[6:].isdigit():
-        raise ProtocolError(f"node id {node!r} is not a client id (expected client<N>)")
+    if not is_client_id(node):
+        raise ProtocolError(f"node id {show(node)} is not a client id (allowed: client<N>, N < 10**9)")
     return int(node[6:])
 
 
@@ -53,28 +80,120 @@ class ProtocolError(ValueError):
     """A message that the protocol does not allow; it is rejected before it crosses."""
 
 
+def show(value: object, limit: int = 60) -> str:
+    """A short ASCII rendering of an untrusted value for an error message: never long, never raising (an int of
+    more than 4300 digits cannot even be printed), never a newline."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, int):
+        text = repr(value) if abs(value) < 10**30 else f"<int of {value.bit_length()} bits>"
+    elif isinstance(value, (str, bytes)):
+        text = ascii(value[: limit + 1])
+    elif isinstance(value, (list, tuple, dict, set, frozenset)):
+        text = f"<{type(value).__name__} of {len(value)}>"
+    else:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def bounded_reason(text: str) -> str:
+    """``text`` cut to ``MAX_REASON_BYTES`` bytes of UTF-8 without splitting a character (what ``error`` allows);
+    characters UTF-8 cannot encode (lone surrogates) become ``?``."""
+    data = str(text).encode("utf-8", errors="replace")
+    if len(data) <= MAX_REASON_BYTES:
+        return data.decode("utf-8")
+    return data[: MAX_REASON_BYTES - 3].decode("utf-8", errors="ignore") + "..."
+
+
+@dataclass(frozen=True)
+class MetaRule:
+    """What one meta key may hold.
+
+    Args:
+        type (`type`): ``int``, ``float`` or ``str``; the value's exact kind (``bool`` is not an int, an int is
+            not a float: Flower's ConfigRecord keeps the distinction, and our encoder always sends the right one).
+        low (`float`, *optional*): smallest allowed number.
+        high (`float`, *optional*): largest allowed number.
+        required (`bool`, defaults to True): a message of the kind must carry the key.
+        max_bytes (`int`, *optional*): most bytes of a string's UTF-8 encoding.
+    """
+
+    type: type
+    low: float | None = None
+    high: float | None = None
+    required: bool = True
+    max_bytes: int | None = None
+
+    def allowed(self) -> str:
+        if self.type is str:
+            return f"a string of at most {self.max_bytes} bytes of UTF-8"
+        what = "an integer" if self.type is int else "a finite float"
+        if self.low is not None and self.high is not None:
+            return f"{what} in [{self.low}, {self.high}]"
+        return what + (f" >= {self.low}" if self.low is not None else "")
+
+    def check(self, kind: str, key: str, value: object) -> None:
+        """Raise ``ProtocolError`` unless ``value`` is what this rule allows."""
+        if self.type is str:
+            ok = isinstance(value, str)
+            if ok:
+                try:
+                    ok = len(value.encode("utf-8")) <= self.max_bytes
+                except UnicodeEncodeError:  # a lone surrogate: not text that can cross
+                    ok = False
+        elif self.type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+        else:
+            ok = (isinstance(value, float) and math.isfinite(value) and (self.low is None or value >= self.low)
+                  and (self.high is None or value <= self.high))
+        if not ok:
+            raise ProtocolError(f"{kind} meta {key} = {show(value)} is not allowed (allowed: {self.allowed()})")
+
+
+ROUND = MetaRule(int, 1, 10**9)
+STEPS = MetaRule(int, 0, 10**7)
+LOSS = MetaRule(float, 0.0, required=False)  # a client that owns no step (cut = 0) or took none omits it
+COUNT = MetaRule(int, 1, 10**6)
+REASON = MetaRule(str, max_bytes=MAX_REASON_BYTES)
+
+
 @dataclass(frozen=True)
 class MessageSpec:
-    direction: str  # "c2s", "s2c" or "any"
-    arrays: dict[str, tuple[torch.dtype, int]]  # name -> (dtype, ndim)
-    meta: frozenset[str]
+    """One row of the table.
+
+    Args:
+        direction (`str`): ``"c2s"``, ``"s2c"`` or ``"any"``.
+        arrays (`dict[str, tuple[torch.dtype, int]]`): name -> (dtype, ndim); exactly these arrays.
+        rules (`dict[str, MetaRule]`): the meta keys allowed, with their types and bounds.
+    """
+
+    direction: str
+    arrays: dict[str, tuple[torch.dtype, int]]
+    rules: dict[str, MetaRule] = field(default_factory=dict)
+
+    @property
+    def meta(self) -> frozenset[str]:
+        """The meta keys allowed."""
+        return frozenset(self.rules)
+
+    @property
+    def required(self) -> frozenset[str]:
+        return frozenset(k for k, r in self.rules.items() if r.required)
 
 
 SPECS: dict[str, MessageSpec] = {
-    "upload_request": MessageSpec("s2c", {}, frozenset({"round"})),
-    "upload": MessageSpec("c2s", {"x_cut": (torch.float32, 4), "y": (torch.int64, 1)}, frozenset({"round"})),
-    "train_request": MessageSpec("s2c", {}, frozenset({"round", "steps"})),
-    "train_reply": MessageSpec("c2s", {}, frozenset({"round", "steps", "loss"})),
-    "sample_request": MessageSpec("c2s", {"y": (torch.int64, 1)}, frozenset()),
-    "sample_response": MessageSpec("s2c", {"x_cut": (torch.float32, 4)}, frozenset()),
-    "sample_order": MessageSpec("s2c", {}, frozenset({"n"})),
-    "sample_done": MessageSpec("c2s", {}, frozenset({"n"})),
-    "error": MessageSpec("any", {}, frozenset({"reason"})),
-    "join_request": MessageSpec("s2c", {}, frozenset()),
-    "join": MessageSpec("c2s", {}, frozenset()),
+    "upload_request": MessageSpec("s2c", {}, {"round": ROUND}),
+    "upload": MessageSpec("c2s", {"x_cut": (torch.float32, 4), "y": (torch.int64, 1)}, {"round": ROUND}),
+    "train_request": MessageSpec("s2c", {}, {"round": ROUND, "steps": STEPS}),
+    "train_reply": MessageSpec("c2s", {}, {"round": ROUND, "steps": STEPS, "loss": LOSS}),
+    "sample_request": MessageSpec("c2s", {"y": (torch.int64, 1)}),
+    "sample_response": MessageSpec("s2c", {"x_cut": (torch.float32, 4)}),
+    "sample_order": MessageSpec("s2c", {}, {"n": COUNT}),
+    "sample_done": MessageSpec("c2s", {}, {"n": COUNT}),
+    "error": MessageSpec("any", {}, {"reason": REASON}),
+    "join_request": MessageSpec("s2c", {}),
+    "join": MessageSpec("c2s", {}),
 }
-
-ANY_CLIENT = "client*"  # receiver of a join_request
 
 
 @dataclass
@@ -86,51 +205,89 @@ class Message:
     meta: dict[str, int | float | str | bool] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() for a in self.arrays.values())
+        return sum(a.numel() * a.element_size() for a in self.arrays.values() if isinstance(a, torch.Tensor))
 
     def summary(self) -> dict:
-        """One line of the message log: everything about the message except the array contents."""
+        """One line of the message log: everything about the message except the array contents. A refused
+        message is logged too, so anything that is not a plain bounded value is written as ``show`` renders it."""
         return {
-            "kind": self.kind,
-            "sender": self.sender,
-            "receiver": self.receiver,
+            "kind": _loggable(self.kind),
+            "sender": _loggable(self.sender),
+            "receiver": _loggable(self.receiver),
             "arrays": [
-                {"name": k, "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
+                {"name": _loggable(k), "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
                  "bytes": a.numel() * a.element_size()}
-                for k, a in self.arrays.items()
+                for k, a in _items(self.arrays) if isinstance(a, torch.Tensor)
             ],
             "bytes": self.nbytes(),
-            "meta": dict(self.meta),
+            "meta": {_loggable(k): _loggable(v) for k, v in _items(self.meta)},
         }
 
 
+def _items(d: object) -> list:
+    return list(d.items()) if isinstance(d, dict) else []
+
+
+def _loggable(v: object) -> object:
+    """``v`` as JSON writes it plainly (a bool, an int64, a finite float, a string of at most MAX_REASON_BYTES
+    characters), else its ``show`` rendering: a refused message may hold anything."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and abs(v) < 2**63:
+        return int(v)
+    if isinstance(v, float) and math.isfinite(v):
+        return float(v)
+    if isinstance(v, str) and len(v) <= MAX_REASON_BYTES:
+        return str(v)
+    return show(v)
+
+
+def _names(names) -> str:
+    """Untrusted dict keys for an error message: at most 8 of them, each shortened."""
+    shown = sorted(show(k, 30) for k in list(names)[:8])
+    return "[" + ", ".join(shown) + (", ..." if len(names) > 8 else "") + "]"
+
+
 def check_message(msg: Message) -> None:
-    """Raise ``ProtocolError`` unless ``msg`` is an allowed kind, direction, set of arrays and meta."""
-    spec = SPECS.get(msg.kind)
+    """Raise ``ProtocolError`` unless ``msg`` is an allowed kind, direction, set of arrays and meta.
+
+    Any object is checked without raising anything else, so a receiver can call it on what it decoded."""
+    kind = msg.kind
+    spec = SPECS.get(kind) if isinstance(kind, str) else None
     if spec is None:
-        raise ProtocolError(f"message kind {msg.kind!r} is not allowed (allowed: {', '.join(SPECS)})")
-    c2s = msg.receiver == SERVER and msg.sender.startswith("client")
-    s2c = msg.sender == SERVER and msg.receiver.startswith("client")
+        raise ProtocolError(f"message kind {show(kind)} is not allowed (allowed: {', '.join(SPECS)})")
+    sender, receiver = msg.sender, msg.receiver
+    c2s = receiver == SERVER and is_client_id(sender)
+    s2c = sender == SERVER and (is_client_id(receiver) or (kind == "join_request" and receiver == ANY_CLIENT))
     if not ((spec.direction in ("c2s", "any") and c2s) or (spec.direction in ("s2c", "any") and s2c)):
-        raise ProtocolError(f"{msg.kind} from {msg.sender} to {msg.receiver} is not allowed ({spec.direction})")
+        raise ProtocolError(f"{kind} from {show(sender)} to {show(receiver)} is not allowed ({spec.direction}; "
+                            f"node ids: server, client<N>)")
+    if not isinstance(msg.arrays, dict) or not isinstance(msg.meta, dict):
+        raise ProtocolError(f"{kind} arrays and meta must be dicts (got {show(msg.arrays)}, {show(msg.meta)})")
     if set(msg.arrays) != set(spec.arrays):
-        raise ProtocolError(f"{msg.kind} carries arrays {sorted(msg.arrays)} (allowed: exactly {sorted(spec.arrays)})")
+        raise ProtocolError(f"{kind} carries arrays {_names(msg.arrays)} (allowed: exactly {sorted(spec.arrays)})")
     for name, (dtype, ndim) in spec.arrays.items():
         a = msg.arrays[name]
-        if not isinstance(a, torch.Tensor) or a.dtype != dtype or a.ndim != ndim:
+        if (not isinstance(a, torch.Tensor) or a.dtype != dtype or a.ndim != ndim or a.layout != torch.strided
+                or a.is_meta):  # sparse or meta tensors hold no plain values to check
             got = f"{a.dtype} {a.ndim}-d" if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ProtocolError(f"{msg.kind}.{name} is {got} (allowed: {dtype} {ndim}-d)")
+            if isinstance(a, torch.Tensor) and (a.layout != torch.strided or a.is_meta):
+                got += f" {a.layout} on {a.device}"
+            raise ProtocolError(f"{kind}.{name} is {got} (allowed: {dtype} {ndim}-d, dense)")
         if a.is_floating_point() and not bool(torch.isfinite(a).all()):
-            raise ProtocolError(f"{msg.kind}.{name} holds NaN or Inf values")
+            raise ProtocolError(f"{kind}.{name} holds NaN or Inf values")
     lengths = {a.shape[0] for a in msg.arrays.values()}
     if len(lengths) > 1:
-        raise ProtocolError(f"{msg.kind} arrays disagree on batch size: {sorted(lengths)}")
-    extra = set(msg.meta) - spec.meta
+        raise ProtocolError(f"{kind} arrays disagree on batch size: {sorted(lengths)}")
+    extra = [k for k in msg.meta if k not in spec.rules]  # also catches non-string keys, which match no rule
     if extra:
-        raise ProtocolError(f"{msg.kind} meta keys {sorted(extra)} are not allowed (allowed: {sorted(spec.meta)})")
-    for k, v in msg.meta.items():
-        if not isinstance(v, (int, float, str, bool)) or (isinstance(v, float) and not math.isfinite(v)):
-            raise ProtocolError(f"{msg.kind} meta {k} = {v!r} is not allowed (finite scalars only)")
+        raise ProtocolError(f"{kind} meta keys {_names(extra)} are not allowed (allowed: {sorted(spec.meta)})")
+    for key, value in msg.meta.items():
+        spec.rules[key].check(kind, key, value)
+    missing = spec.required - set(msg.meta)
+    if missing:
+        raise ProtocolError(f"{kind} lacks meta {', '.join(sorted(missing))} (required: "
+                            f"{', '.join(f'{k} = {spec.rules[k].allowed()}' for k in sorted(spec.required))})")
 
 
 @dataclass(frozen=True)

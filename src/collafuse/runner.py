@@ -26,7 +26,8 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sav
 from .client import Client
 from .config import Config, ConfigError, load_config
 from .data import ClientData, load_client_datasets
-from .protocol import SERVER, Message, client_index
+from .protocol import SERVER, Message, bounded_reason, client_index
+from .seeding import ClientSecret, SecretError
 from .server import Server
 from .transport import Delivery, InProcessTransport, MessageLog, Transport, handle_checked
 
@@ -81,7 +82,7 @@ class Orchestrator:
 
     def _tell(self, node: str, reason: str) -> None:
         """Send a client the ``error`` that says why its message was refused (once; its answer does not matter)."""
-        self.transport.exchange([Message("error", SERVER, node, meta={"reason": reason[:500]})])
+        self.transport.exchange([Message("error", SERVER, node, meta={"reason": bounded_reason(reason)})])
 
     def _to_server(self, deliveries: list[Delivery], context: str) -> dict[str, tuple[Message, Message | None]]:
         """Hand every usable reply to the server (checked; a refusal is logged and told to the client, never
@@ -204,15 +205,21 @@ class Federation(Orchestrator):
         cfg (`Config`): the run configuration.
         clients_data (`list[ClientData]`, *optional*): the clients' data; loaded from ``cfg.data`` when omitted.
         log (`MessageLog`, *optional*): message log; in memory when omitted.
+        secrets (`dict[int, ClientSecret]`, *optional*): explicit client secrets by client index, for a reproducible
+            experiment (``collafuse run --client-secrets``); clients without one draw theirs from OS entropy.
     """
 
-    def __init__(self, cfg: Config, clients_data: list[ClientData] | None = None, log: MessageLog | None = None):
+    def __init__(self, cfg: Config, clients_data: list[ClientData] | None = None, log: MessageLog | None = None,
+                 secrets: dict[int, ClientSecret] | None = None):
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         data = clients_data if clients_data is not None else load_client_datasets(
             cfg.data, cfg.num_classes, cfg.seeds.data)
+        secrets = secrets or {}
+        if extra := sorted(set(secrets) - set(range(len(data)))):
+            raise SecretError(f"client secrets given for clients {extra} (allowed: clients 0..{len(data) - 1})")
         server = Server(cfg)
-        self.clients = [Client(i, d, cfg) for i, d in enumerate(data)]
+        self.clients = [Client(i, d, cfg, secret=secrets.get(i)) for i, d in enumerate(data)]
         self.log = log or MessageLog()
         transport = InProcessTransport([server, *self.clients], self.log)
         super().__init__(cfg, server, transport, [c.node_id for c in self.clients], [server, *self.clients])

@@ -40,9 +40,10 @@ def _evaluated(run_dir: Path) -> bool:
 
 
 def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[str] | tuple[str, ...] = (),
-              progress: bool = True, command: str = "") -> Path:
+              progress: bool = True, command: str = "", secrets: dict | None = None) -> Path:
     """Train and evaluate one run per cut under ``out/cut_NNNN``, then write ``out/report.md`` and
-    ``out/metrics.json``; returns the report path."""
+    ``out/metrics.json``; returns the report path. ``secrets``: explicit client secrets for every run (see
+    ``run_experiment``); by default each run's clients draw their own."""
     from .sweep_report import write_sweep_report
 
     base = load_config(config, overrides)
@@ -55,7 +56,8 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
         if progress:
             print(f"[sweep] cut {cut}: {run_dir}", file=sys.stderr)
         if not _trained(run_dir, cfg.train.rounds):
-            run_experiment(cfg, run_dir, resume=True, progress=progress, command=f"{command} (cut {cut})")
+            run_experiment(cfg, run_dir, resume=True, progress=progress, command=f"{command} (cut {cut})",
+                           secrets=secrets)
         if not _evaluated(run_dir):
             evaluate_run(run_dir, progress=progress)  # its config.toml carries the sweep's [eval] settings
         runs[cut] = run_dir

@@ -23,6 +23,15 @@ def _get(d: dict | None, *keys, default=None):
     return d
 
 
+def _exact_seed_cell(ds: list[dict]) -> str:
+    """Mean PSNR of the exact-seed attack and how many clients' images it recovered exactly ("0/3": it failed)."""
+    hits = [d["exact_seed_recovered"] for d in ds if d.get("exact_seed_recovered") is not None]
+    if not hits:
+        return "not run"
+    vals = [d["psnr_exact_seed"] for d in ds if d.get("psnr_exact_seed") is not None]
+    return f"{_fmt(sum(vals) / len(vals))}, {sum(map(bool, hits))}/{len(hits)}"
+
+
 def summarize(evaluation: dict) -> dict:
     """The handful of numbers per cut that the plots and hypotheses use, from one evaluation.json."""
     fid = evaluation["fidelity"]["per_client"]
@@ -44,6 +53,9 @@ def summarize(evaluation: dict) -> dict:
             "psnr_tweedie_server": _get(res, "reconstruction_tweedie_server", "psnr"),
             "ssim_tweedie_server": _get(res, "reconstruction_tweedie_server", "ssim"),
             "proxy_upload_mse": _get(res, "proxy_upload_mse", "mse"),
+            # None for evaluations from before the attack existed
+            "psnr_exact_seed": _get(res, "reconstruction_exact_seed", "psnr"),
+            "exact_seed_recovered": _get(res, "reconstruction_exact_seed", "recovered"),
         }
         sampling = _get(comm, "per_client", c, "sampling", default={})
         row["communication"][c] = {
@@ -227,12 +239,13 @@ def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: s
         L.append(f"| {r['cut']} | {cells} | {_fmt(r['overall']['kid_test'])} |")
     L += ["", "![](fidelity_kid.png)", "", "![](fidelity_fid.png)", "",
           "## Disclosure (honest-but-curious server; mean over clients)", "",
-          "| cut | linkage top-1 | PSNR rescale (dB) | PSNR Tweedie, server model (dB) | SSIM Tweedie | upload MSE |",
-          "|---|---|---|---|---|---|"]
+          "| cut | linkage top-1 | PSNR rescale (dB) | PSNR Tweedie, server model (dB) | SSIM Tweedie | upload MSE "
+          "| exact-seed attack: PSNR (dB), recovered |",
+          "|---|---|---|---|---|---|---|"]
     for r in rows:
         ds = [d for d in r["disclosure"].values() if d]
         if not ds:
-            L.append(f"| {r['cut']} | nothing crosses | | | | |")
+            L.append(f"| {r['cut']} | nothing crosses | | | | | |")
             continue
 
         def mean(k, ds=ds):
@@ -241,7 +254,7 @@ def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: s
 
         L.append(f"| {r['cut']} | {_fmt(mean('linkage_top1'))} | {_fmt(mean('psnr_rescale'))} | "
                  f"{_fmt(mean('psnr_tweedie_server'))} | {_fmt(mean('ssim_tweedie_server'))} | "
-                 f"{_fmt(mean('proxy_upload_mse'))} |")
+                 f"{_fmt(mean('proxy_upload_mse'))} | {_exact_seed_cell(ds)} |")
     L += ["", "![](disclosure_linkage.png)", "", "![](disclosure_psnr.png)", "",
           "## Client compute and communication", "",
           "| cut | client training FLOPs | one client's share (training) | client FLOPs / image | client share "

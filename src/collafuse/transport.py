@@ -2,7 +2,9 @@
 
 A transport delivers a request to the receiving role's ``handle`` and returns its reply. Both directions are
 checked against the protocol table (``protocol.check_message``) and written to the message log, so the log is a
-complete audit of what crossed. Other transports (collafuse.flower) implement ``exchange`` over the network.
+complete audit of what crossed. The sending side checks too: ``handle_checked`` checks a role's reply before it
+is returned, so no node sends what the protocol forbids. Other transports (collafuse.flower) implement
+``exchange`` over the network.
 
 Failures are values, not crashes: ``exchange`` returns one ``Delivery`` per request, whose ``error`` says why no
 usable reply came back (the node is unavailable, or its reply was refused). A refused message is written to the log
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .protocol import SERVER, Message, ProtocolError, check_message
+from .protocol import ANY_CLIENT, SERVER, Message, ProtocolError, bounded_reason, check_message, show
 
 logger = logging.getLogger("collafuse.transport")
 
@@ -102,23 +104,56 @@ class Delivery:
     refused: bool = False
 
 
-def error_reply(msg: Message, reason: str) -> Message:
-    """The ``error`` message a role sends back instead of a reply to a message it refused."""
-    return Message("error", msg.receiver, msg.sender, meta={"reason": reason[:500]})
+def error_reply(msg: Message, reason: str, sender: str | None = None) -> Message:
+    """The ``error`` message a role sends back instead of a reply to a message it refused.
+
+    Args:
+        msg (`Message`): the refused message; the error goes back to its sender.
+        reason (`str`): why; cut to what ``error`` allows (``protocol.MAX_REASON_BYTES`` bytes of UTF-8).
+        sender (`str`, *optional*): the refusing node; defaults to ``msg.receiver`` (which for a ``join_request``
+            is ``client*``, so a role passes its own id).
+    """
+    return Message("error", msg.receiver if sender is None else sender, msg.sender,
+                   meta={"reason": bounded_reason(reason)})
 
 
 def handle_checked(role: Role, msg: Message, log: MessageLog | None = None) -> Message | None:
-    """Deliver ``msg`` to ``role``; a ``ProtocolError`` raised while checking or handling it becomes an ``error``
-    reply and a log line, so a malformed message never crashes the receiver (the role checks before it mutates)."""
+    """Deliver ``msg`` to ``role`` and return its checked reply.
+
+    A ``ProtocolError`` raised while checking or handling ``msg`` becomes an ``error`` reply and a log line, so a
+    malformed message never crashes the receiver (the role checks before it mutates). The role's own reply is
+    checked too before it is returned: a reply the protocol forbids is logged (and marked ``rejected`` in the
+    audit) and replaced by an ``error``, so a node never sends what the protocol does not allow.
+
+    Args:
+        role (`Role`): the receiving role; it answers only messages addressed to it.
+        msg (`Message`): the message, from any source.
+        log (`MessageLog`, *optional*): where refusals are recorded.
+    """
     try:
         check_message(msg)
-        return role.handle(msg)
+        if msg.receiver != role.node_id and not (msg.kind == "join_request" and msg.receiver == ANY_CLIENT):
+            raise ProtocolError(f"{msg.kind} for {msg.receiver} reached {role.node_id}")
+        reply = role.handle(msg)
     except ProtocolError as e:
         reason = str(e)
-        logger.warning("refused %s from %s: %s", msg.kind, msg.sender, reason)
+        logger.warning("refused %s from %s: %s", show(msg.kind), show(msg.sender), reason)
         if log is not None:
             log.append(msg, rejected=reason)
-        return error_reply(msg, reason)
+        # Addressed from the role itself; a message whose sender is no node id (it failed check_message) gets an
+        # error no transport will carry, since each checks what it sends.
+        return error_reply(msg, reason, sender=role.node_id)
+    if reply is None:
+        return None
+    try:
+        check_message(reply)
+    except ProtocolError as e:
+        reason = f"{role.node_id} could not answer {msg.kind}: its reply was refused before sending ({e})"
+        logger.error("%s", reason)
+        if log is not None:
+            log.append(reply, rejected=str(e))
+        return error_reply(msg, reason, sender=role.node_id)
+    return reply
 
 
 class Transport(ABC):

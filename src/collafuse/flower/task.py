@@ -14,8 +14,13 @@ Node config (``flower-supernode --node-config``; in simulation Flower sets ``par
 - ``data-dir``: a folder holding only this client's images, in the ``data.dataset`` layout (IDX files, or an image
   folder with ``dataset = "image-folder"``; ``collafuse export-client-data`` writes IDX ones); without
   it the node takes its partition of ``data.root`` (convenient in simulation, where all nodes share a machine);
-- ``state-dir``: where this client's model, optimizer, EMA, RNG and round counter are kept between messages
-  (default ``<out>/nodes/client<i>``).
+- ``state-dir``: where this client's model, optimizer, EMA, RNG, round counter and secret are kept between
+  messages (default ``<out>/nodes/client<i>``: in simulation every node shares the machine; in deployment each
+  SuperNode has its own);
+- ``secret-file`` (optional): a client-side file holding this client's secret as hex (``collafuse secrets``
+  writes one), for reproducible experiments. Without it the node makes its secret from OS entropy the first time
+  it is needed and keeps it in ``<state-dir>/client.secret`` (mode 0600). Never pass a secret in the run config:
+  the server reads that.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..data import load_client_datasets, load_client_source
 from ..images import save_grid
 from ..protocol import ANY_CLIENT, Message, ProtocolError, check_message, client_node
 from ..runner import Orchestrator
+from ..seeding import load_or_create_secret, read_secret_file
 from ..server import Server
 from ..transport import MessageLog, handle_checked
 from .codec import decode, encode
@@ -83,7 +89,11 @@ class ClientNode:
             data = load_client_source(str(node_config["data-dir"]), index, cfg.data, cfg.num_classes)
         else:
             data = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)[index]
-        self.role = Client(index, data, cfg)
+        if node_config.get("secret-file"):
+            secret = read_secret_file(Path(str(node_config["secret-file"])))
+        else:  # written atomically before anything derived from it leaves this node
+            secret = load_or_create_secret(self.state_dir / "client.secret")
+        self.role = Client(index, data, cfg, secret=secret)
         self.saves = 0
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is not None:
@@ -112,7 +122,13 @@ class ClientNode:
         self.role.finished.clear()
 
     def handle(self, content) -> Message | None:
-        """Decode, check and answer one message; a malformed one gets an ``error`` reply, never an exception."""
+        """Decode, check and answer one message; a malformed one gets an ``error`` reply, never an exception.
+
+        Every reply passes ``check_message``: the error for a message that did not decode is built from this node's
+        id and a bounded reason, and everything else comes through ``handle_checked``, which checks the role's
+        reply (the request was checked, so its sender is the server and an ``error`` back to it is allowed)."""
+        from ..protocol import bounded_reason
+
         try:
             msg = decode(content)
             check_message(msg)
@@ -120,7 +136,7 @@ class ClientNode:
                 raise ProtocolError(f"message for {msg.receiver} reached {self.role.node_id}")
         except ProtocolError as e:
             logger.warning("%s refused a message: %s", self.role.node_id, e)
-            return Message("error", self.role.node_id, "server", meta={"reason": str(e)[:500]})
+            return Message("error", self.role.node_id, "server", meta={"reason": bounded_reason(str(e))})
         self.log.append(msg)
         reply = handle_checked(self.role, msg, self.log)
         if msg.kind in _STATEFUL and (reply is None or reply.kind != "error"):

@@ -10,7 +10,8 @@ A batch of requests is pushed at once and its replies pulled as they come (Flowe
 message costs about 0.1 s in simulation and seconds in deployment, so the protocol's messages are coarse). A node
 that does not answer within ``reply_timeout`` seconds, or whose ClientApp fails, is reported ``unavailable`` for
 that exchange; a reply that does not decode or fails ``check_message`` is logged as rejected and reported refused.
-Nothing raises.
+Nothing a node sends raises: decoding and checking raise only ``ProtocolError``, and as a last line of defence at
+this trust boundary any other exception while reading a reply is logged with its traceback and treated the same.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ import time
 from flwr.app import Message as FlowerMessage
 from flwr.app import RecordDict
 
-from ..protocol import ANY_CLIENT, SERVER, Message, ProtocolError, check_message, client_index
+from ..protocol import (
+    ANY_CLIENT,
+    SERVER,
+    Message,
+    ProtocolError,
+    bounded_reason,
+    check_message,
+    client_index,
+    show,
+)
 from ..transport import Delivery, MessageLog, Transport
 from .codec import MESSAGE_TYPE, decode, encode
 
@@ -81,6 +91,12 @@ class FlowerTransport(Transport):
                     raise ProtocolError(f"{msg.sender} is already connected as node {self.nodes[msg.sender]}")
             except ProtocolError as e:
                 logger.warning("refused node %s: %s", node, e)
+                self._reject(f"node{node}", str(e))
+                self.refused.add(node)
+                continue
+            except Exception:  # noqa: BLE001 - the trust boundary: no reply may end the run
+                logger.exception("refused node %s: its join reply could not be read", node)
+                self._reject(f"node{node}", "its join reply could not be read (see the ServerApp log)")
                 self.refused.add(node)
                 continue
             self.log.append(msg)
@@ -143,23 +159,33 @@ class FlowerTransport(Transport):
     def _receive(self, request: Message, client: str, r: FlowerMessage, seconds: float) -> Delivery:
         if r.has_error():
             return Delivery(request, error=f"unavailable: {client} failed ({r.error.reason})", seconds=seconds)
-        if len(r.content.keys()) == 0:
-            return Delivery(request, seconds=seconds)  # the role had nothing to say (e.g. after an error notice)
         try:
+            if len(r.content.keys()) == 0:
+                return Delivery(request, seconds=seconds)  # the role had nothing to say (e.g. after an error notice)
             msg = decode(r.content)
             if msg.sender != client or msg.receiver != SERVER:
-                raise ProtocolError(f"reply claims to come from {msg.sender} to {msg.receiver}, "
+                raise ProtocolError(f"reply claims to come from {show(msg.sender)} to {show(msg.receiver)}, "
                                     f"but node {r.metadata.src_node_id} is {client}")
             check_message(msg)
         except ProtocolError as e:
-            stub = Message("error", client, SERVER, meta={"reason": str(e)[:500]})
-            self.log.append(stub, rejected=str(e))
             logger.warning("refused reply from %s: %s", client, e)
+            self._reject(client, str(e))
             return Delivery(request, error=f"refused reply from {client}: {e}", seconds=seconds, refused=True)
+        except Exception:  # noqa: BLE001 - the trust boundary: decode raises only ProtocolError, but no reply may
+            # end the ServerApp run, whatever a bug in a library under it raises; it is refused like a malformed one
+            logger.exception("refused reply from %s: it could not be read", client)
+            reason = "its reply could not be read (see the ServerApp log)"
+            self._reject(client, reason)
+            return Delivery(request, error=f"refused reply from {client}: {reason}", seconds=seconds, refused=True)
         self.log.append(msg)
         if msg.kind == "error":
             return Delivery(request, error=f"{client} refused {request.kind}: {msg.meta['reason']}", seconds=seconds)
         return Delivery(request, msg, seconds=seconds)
+
+    def _reject(self, sender: str, reason: str) -> None:
+        """The audit entry of a refused reply: a stub from ``sender`` (the reply itself may not even be a message)
+        marked ``rejected`` with the reason."""
+        self.log.append(Message("error", sender, SERVER, meta={"reason": bounded_reason(reason)}), rejected=reason)
 
 
 def empty_reply() -> RecordDict:
