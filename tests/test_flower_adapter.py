@@ -457,3 +457,14 @@ def test_an_attacker_with_everything_the_flower_server_holds_cannot_beat_the_pos
         assert 8 < bound < 30 and max(scores.values()) > bound - 3
         assert all(v <= bound + 0.5 for v in scores.values()), (bound, scores)
         assert float((rec["exact_seed"] - x0).abs().max()) > 0.5
+
+
+def test_a_failed_clientapps_traceback_is_kept_as_one_plain_bounded_line():
+    from collafuse.flower.transport import _short_error
+
+    ray = "Traceback (most recent call last):\n  File \"x.py\", line 1\n\x1b[36m(ClientAppActor pid=7)\x1b[0m " \
+          "RuntimeError: " + "boom " * 200 + "\n"
+    line = _short_error(ray)
+    assert "\n" not in line and "\x1b" not in line and len(line) == 300
+    assert line.startswith("(ClientAppActor pid=7) RuntimeError: boom") and line.endswith("...")
+    assert _short_error("") == ""

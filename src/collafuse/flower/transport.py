@@ -17,6 +17,7 @@ this trust boundary any other exception while reading a reply is logged with its
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from flwr.app import Message as FlowerMessage
@@ -77,7 +78,7 @@ class FlowerTransport(Transport):
             if r is None:
                 continue  # not answering yet: asked again at the next discovery
             if r.has_error():  # the node's ClientApp failed (e.g. a bad node config): ask again next time
-                logger.warning("node %s could not join: %s", node, r.error.reason)
+                logger.warning("node %s could not join: %s", node, _short_error(r.error.reason))
                 continue
             try:
                 msg = decode(r.content)
@@ -158,7 +159,8 @@ class FlowerTransport(Transport):
 
     def _receive(self, request: Message, client: str, r: FlowerMessage, seconds: float) -> Delivery:
         if r.has_error():
-            return Delivery(request, error=f"unavailable: {client} failed ({r.error.reason})", seconds=seconds)
+            return Delivery(request, error=f"unavailable: {client} failed ({_short_error(r.error.reason)})",
+                            seconds=seconds)
         try:
             if len(r.content.keys()) == 0:
                 return Delivery(request, seconds=seconds)  # the role had nothing to say (e.g. after an error notice)
@@ -186,6 +188,17 @@ class FlowerTransport(Transport):
         """The audit entry of a refused reply: a stub from ``sender`` (the reply itself may not even be a message)
         marked ``rejected`` with the reason."""
         self.log.append(Message("error", sender, SERVER, meta={"reason": bounded_reason(reason)}), rejected=reason)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _short_error(reason: object, limit: int = 300) -> str:
+    """Flower's error reason for a failed ClientApp is a whole (Ray) traceback with terminal colours; events and
+    logs keep its last line, plain and bounded."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(reason)).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def empty_reply() -> RecordDict:
