@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
 
 from collafuse.cli import main
 from collafuse.config import ConfigError
@@ -93,3 +94,34 @@ def test_evaluate_errors(sweep_toml, tmp_path, capsys):
     assert "no checkpoint" in err and err.count("\n") == 1
     assert main(["evaluate", str(empty), "--set", "eval.extractor=clip"]) == 2
     assert "eval.extractor = 'clip' is invalid" in capsys.readouterr().err
+
+
+def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml, tmp_path, monkeypatch):
+    """A sampler override after an evaluation samples again instead of scoring the cached samples; the same
+    settings reuse the cache; a newer checkpoint samples again."""
+    from collafuse import evaluate as ev
+    from collafuse.runner import load_run
+
+    run = tmp_path / "run"
+    assert main(["run", str(sweep_toml), "--out", str(run), "--quiet", "--set", "train.rounds=1"]) == 0
+    calls = []
+    real_sample = ev.Federation.sample
+    monkeypatch.setattr(ev.Federation, "sample", lambda self, *a, **k: calls.append(a) or real_sample(self, *a, **k))
+
+    def samples(*overrides):
+        return ev.generated_samples(load_run(run, list(overrides)), run, 0, 4)
+
+    ddim = samples()
+    assert len(calls) == 1 and torch.equal(samples()["x0"], ddim["x0"]) and len(calls) == 1  # cached
+    ddpm = samples("sample.sampler=ddpm")
+    assert len(calls) == 2 and not torch.equal(ddpm["x0"], ddim["x0"])
+    for override in ("sample.ddim_steps=3", "sample.guidance_scale=2.0", "sample.use_ema=false", "seeds.sample=9"):
+        samples(override)
+    assert len(calls) == 6
+    assert torch.equal(samples("sample.sampler=ddpm")["x0"], ddpm["x0"]) and len(calls) == 6
+    assert len(list((run / "eval").glob("samples_client0_n4_*.safetensors"))) == 6
+    # Training on changes the weights: the same settings sample again.
+    assert main(["run", str(sweep_toml), "--out", str(run), "--quiet", "--resume", "--set", "train.rounds=2"]) == 0
+    calls.clear()  # (the run samples its own report images)
+    samples()
+    assert len(calls) == 1

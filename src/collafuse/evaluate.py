@@ -6,18 +6,22 @@
 - compute: exact FLOPs per node and phase (collafuse.compute), measured wall time, an energy estimate;
 - communication: bytes per client from the run's message log (collafuse.communication).
 
-Everything goes to ``RUN_DIR/evaluation.json``; generated samples are cached in ``RUN_DIR/eval/`` keyed by the
-checkpoint round and sample count, so a re-evaluation (or a resumed sweep) does not sample again.
+Everything goes to ``RUN_DIR/evaluation.json``; generated samples are cached in ``RUN_DIR/eval/`` keyed by everything
+that changes them (the checkpoint's files, every ``[sample]`` setting, the sampling seed, client and n:
+``sample_cache_key``), so a re-evaluation (or a resumed sweep) does not sample again, and a changed setting never
+scores stale samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint, write_text_atomic
@@ -32,19 +36,32 @@ from .runner import Federation, load_run
 from .seeding import generator
 
 
+def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dict:
+    """Everything that changes a client's evaluation samples: the exact weights (sha256 of every node file of the
+    latest checkpoint), every ``[sample]`` setting that reaches the samplers (sampler, steps, guidance, EMA, batch
+    size, and whatever is added there later), the sampling seed, the client and n."""
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    state = json.loads((ckpt / "state.json").read_text())
+    sample = {k: v for k, v in dataclasses.asdict(fed.cfg.sample).items() if k != "n_per_client"}
+    return {"client": client, "n": n, "checkpoint": ckpt.name, "node_files": state["files"], "sample": sample,
+            "sample_seed": fed.cfg.seeds.sample}
+
+
 def generated_samples(fed: Federation, run_dir: Path, client: int, n: int) -> dict[str, torch.Tensor]:
-    """n samples of one client, from the cache when it matches this checkpoint and n, else sampled and cached."""
-    cache = run_dir / "eval" / f"samples_client{client}_n{n}.safetensors"
-    round_ = fed.history.rounds_done
+    """n samples of one client: from the cache when it was made with exactly this key (`sample_cache_key`),
+    else sampled now and cached under the key's hash (so ``--set sample.sampler=ddpm`` never scores DDIM samples)."""
+    key = sample_cache_key(fed, run_dir, client, n)
+    text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    cache = run_dir / "eval" / f"samples_client{client}_n{n}_{digest}.safetensors"
     if cache.is_file():
-        tensors = load_file(str(cache))
-        if int(tensors["round"]) == round_ and len(tensors["x0"]) == n:
-            return tensors
+        with safe_open(str(cache), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == text:
+                return load_file(str(cache))
     out = fed.sample(client, n, fed.clients[client].stream("eval", fed.cfg.seeds.sample))  # client-side secret stream
-    out["round"] = torch.tensor(round_)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"key": text})
     tmp.replace(cache)
     return out
 

@@ -159,7 +159,7 @@ def figure4_grid(runs: dict[int, Path], out: Path, client: int = 0, per_row: int
         files = sorted((runs[cut] / "eval").glob(f"samples_client{client}_n*.safetensors"))
         if not files:
             continue
-        t = load_file(str(files[-1]))
+        t = load_file(str(max(files, key=lambda p: p.stat().st_mtime)))  # the latest evaluation's samples
         rows += [t["x_cut"][:per_row], t["x0"][:per_row]]
     if not rows:
         return None
