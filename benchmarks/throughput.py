@@ -16,25 +16,32 @@ The federation is the real one: ``Federation(cfg)`` on Fashion-MNIST with config
 its uploads through the in-process transport, exactly as in round 1 of a run. No training happens before the
 benchmark besides the warm-up.
 
-Fairness: both loops of a node live in the same process and are warmed up first; then ``--blocks`` timed blocks
-of ``--steps`` steps run, alternating split/plain and swapping which goes first in every other block, so slow drift
-(thermal, other processes) hits both alike. One untimed step precedes every block, so the cost of switching between
-the two models' working sets is charged to neither. Reported: the median images/s of each loop, and the split cost
-per image relative to the plain loop, plain_throughput / split_throughput (overhead = that ratio - 1).
+* precision: the split step runs once per ``--precisions`` entry (``train.precision``: fp32, or bf16 autocast with
+  fp32 weights, Adam and EMA); the plain loop always runs in fp32, the baseline a user would start from.
+
+Fairness: all loops of a node live in the same process and are warmed up first; then ``--blocks`` timed blocks
+of ``--steps`` steps run, the loops in a rotated order in every block, so slow drift (thermal, other processes)
+hits all alike. One untimed step precedes every block, so the cost of switching between the models' working sets
+is charged to none. Reported: the median images/s of each loop, the split cost per image relative to the plain
+loop, the speed-up of each split precision over the plain fp32 loop, and the achieved GFLOP/s (FLOPs of one step
+counted by ``compute.count_flops``) against a matmul peak measured in the same run at that precision (2048^3
+``torch.mm``).
 
 How to run
 ----------
-    ./run bench                                   # defaults: about 2-4 minutes on 2 CPU cores
-    ./run bench --steps 20 --blocks 8 --threads 2
+    ./run bench                                   # defaults: about 4-6 minutes on 2 CPU cores
+    ./run bench --steps 20 --blocks 8 --threads 2 --precisions fp32,bf16
     .venv/bin/python benchmarks/throughput.py --device cuda
 
-It is a measurement, not a test: it always exits 0 and only prints the numbers (target: overhead <= 5%).
+It is a measurement, not a test: it always exits 0 and only prints the numbers (targets: fp32 overhead <= 5%;
+split training >= 1.6x the plain fp32 loop's img/s at the best precision).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import shlex
 import statistics
@@ -51,6 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
+from collafuse.compute import count_flops  # noqa: E402
 from collafuse.config import Config, ModelConfig, load_config  # noqa: E402
 from collafuse.diffusion import BETA_SCHEDULES  # noqa: E402
 from collafuse.models import build_unet  # noqa: E402
@@ -125,46 +133,69 @@ def timed_block(step: Callable[[], float], steps: int, device: torch.device) -> 
     return time.perf_counter() - t0
 
 
+PLAIN = "plain fp32"
+
+
 @dataclass
 class Result:
     node: str
-    split_ips: list[float]  # images/s per block
-    plain_ips: list[float]
+    ips: dict[str, list[float]]  # loop name ("plain fp32", "split fp32", "split bf16") -> images/s per block
+    flops_per_image: dict[str, float]  # loop name -> FLOPs of one training step / batch size
 
-    @property
-    def cost_ratio(self) -> float:
-        """Split cost per image relative to plain: plain throughput / split throughput (medians)."""
-        return statistics.median(self.plain_ips) / statistics.median(self.split_ips)
+    def median(self, loop: str) -> float:
+        return statistics.median(self.ips[loop])
 
-    @property
-    def block_ratios(self) -> list[float]:
-        """The same ratio within each block: its spread shows how much of the overhead is noise."""
-        return [p / s for s, p in zip(self.split_ips, self.plain_ips)]
+    def cost_ratio(self, loop: str) -> float:
+        """Cost per image of ``loop`` relative to plain fp32: plain throughput / its throughput (medians)."""
+        return self.median(PLAIN) / self.median(loop)
 
-    @property
-    def overhead_pct(self) -> float:
-        return (self.cost_ratio - 1.0) * 100.0
+    def block_ratios(self, loop: str) -> list[float]:
+        """The same ratio within each block: its spread shows how much of the difference is noise."""
+        return [p / s for s, p in zip(self.ips[loop], self.ips[PLAIN])]
 
 
-def compare(node: str, split_step: Callable[[], float], plain_step: Callable[[], float], args,
-            device: torch.device) -> Result:
-    """Warm both loops up, then time interleaved blocks, alternating which loop goes first (an even number of
-    blocks gives each loop the first slot equally often)."""
+def compare(node: str, loops: dict[str, Callable[[], float]], args, device: torch.device,
+            flops_per_image: dict[str, float]) -> Result:
+    """Warm every loop up, then time blocks in which each loop runs once, the order rotated from block to block."""
     images_per_block = args.steps * args.batch_size
-    for step in (split_step, plain_step):
+    for step in loops.values():
         timed_block(step, args.warmup, device)
-    result = Result(node, [], [])
+    result = Result(node, {name: [] for name in loops}, flops_per_image)
+    names = list(loops)
     for b in range(args.blocks):
-        order = [("split", split_step), ("plain", plain_step)]
-        if b % 2:
-            order.reverse()
-        for name, step in order:
-            step()  # untimed: the switch from the other loop's model (cold caches) is not either loop's cost
-            seconds = timed_block(step, args.steps, device)
-            getattr(result, f"{name}_ips").append(images_per_block / seconds)
-        print(f"  {node} block {b + 1}/{args.blocks}: split {result.split_ips[-1]:7.1f} img/s, "
-              f"plain {result.plain_ips[-1]:7.1f} img/s", flush=True)
+        for name in names[b % len(names):] + names[: b % len(names)]:
+            loops[name]()  # untimed: the switch from another loop's model (cold caches) is not this loop's cost
+            seconds = timed_block(loops[name], args.steps, device)
+            result.ips[name].append(images_per_block / seconds)
+        print(f"  {node} block {b + 1}/{args.blocks}: "
+              + ", ".join(f"{n} {result.ips[n][-1]:7.1f} img/s" for n in names), flush=True)
     return result
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n^3 matrix product at ``dtype`` (best of ``reps``): the ceiling the training steps are read
+    against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def with_precision(learner, precision: str, step: Callable[[], float]) -> Callable[[], float]:
+    """``step`` run with the node's Learner set to ``precision`` (what ``train.precision`` resolves to)."""
+
+    def run() -> float:
+        learner.precision = precision
+        return step()
+
+    return run
 
 
 # -- setup ------------------------------------------------------------------------------------------------------------
@@ -177,20 +208,29 @@ def build_federation(args) -> Federation:
     return fed
 
 
-def print_table(results: list[Result]) -> None:
+def print_table(results: list[Result], peaks: dict[str, float]) -> None:
     print()
-    print(f"{'node':<8} {'loop':<6} {'median img/s':>13} {'min':>8} {'max':>8}")
+    print("matmul peak (2048^3 torch.mm, best of 5): "
+          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
+    print(f"{'node':<8} {'loop':<11} {'median img/s':>13} {'min':>8} {'max':>8} {'GFLOP/s':>8} {'of peak':>8}")
     for r in results:
-        for name, ips in (("split", r.split_ips), ("plain", r.plain_ips)):
-            print(f"{r.node:<8} {name:<6} {statistics.median(ips):13.1f} {min(ips):8.1f} {max(ips):8.1f}")
+        for name, ips in r.ips.items():
+            gflops = r.median(name) * r.flops_per_image[name] / 1e9
+            peak = peaks[name.split()[-1]]
+            print(f"{r.node:<8} {name:<11} {r.median(name):13.1f} {min(ips):8.1f} {max(ips):8.1f} {gflops:8.1f} "
+                  f"{gflops / peak:8.0%}")
     print()
     for r in results:
-        ratios = r.block_ratios
-        print(f"{r.node}: split/plain cost per image = {r.cost_ratio:.3f} "
-              f"(per block: {min(ratios):.3f} .. {max(ratios):.3f})")
+        for name in r.ips:
+            if name == PLAIN:
+                continue
+            ratios = r.block_ratios(name)
+            print(f"{r.node}: {name} / plain fp32: cost per image {r.cost_ratio(name):.3f} "
+                  f"(per block {min(ratios):.3f} .. {max(ratios):.3f}), speed-up {1 / r.cost_ratio(name):.2f}x")
     for r in results:
-        print(f"{r.node}: split costs {r.overhead_pct:+.1f}% per image vs plain diffusers loop "
-              f"(target <= {TARGET_OVERHEAD_PCT:g}%)")
+        if "split fp32" in r.ips:
+            print(f"{r.node}: split fp32 costs {(r.cost_ratio('split fp32') - 1) * 100:+.1f}% per image vs the plain "
+                  f"diffusers loop (target <= {TARGET_OVERHEAD_PCT:g}%)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,7 +245,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0 keeps torch's default (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="split-step precisions to time, comma-separated fp32/bf16 (default: %(default)s)")
     args = p.parse_args(argv)
+    args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
+    if not args.precisions or any(s not in ("fp32", "bf16") for s in args.precisions):
+        p.error(f"--precisions = {','.join(args.precisions)!r} is invalid (allowed: a comma-separated list of fp32, "
+                f"bf16)")
     if args.batch_size is None:
         args.batch_size = load_config(args.config).train.batch_size
     return args
@@ -233,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     plain_client = PlainLoop(cfg.client_model, client.labels.num_embeds, client.data.train_x, client.data.train_y,
                              cfg, device)
 
+    peaks = {p: matmul_peak(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[p])
+             for p in dict.fromkeys(["fp32", *args.precisions])}
     results = []
-    for node, split_step, plain in ((SERVER, server.train_step, plain_server),
-                                    (client.node_id, client.train_step, plain_client)):
+    for node, role, plain in ((SERVER, server, plain_server), (client.node_id, client, plain_client)):
+        loops = {PLAIN: plain.step}
+        loops.update({f"split {p}": with_precision(role.learner, p, role.train_step) for p in args.precisions})
+        flops = {name: count_flops(step)["total"] / args.batch_size for name, step in loops.items()}
         print(f"\n{node}:", flush=True)
-        results.append(compare(node, split_step, plain.step, args, device))
-    print_table(results)
+        results.append(compare(node, loops, args, device, flops))
+    print_table(results, peaks)
     return 0  # a measurement: the numbers are the result, never the exit code
 
 

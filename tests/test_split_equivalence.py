@@ -18,9 +18,13 @@ from conftest import synthetic_clients, tiny_config
 T = 20
 
 
+SAMPLERS = {"ddpm": ("ddpm", 0.0), "ddim": ("ddim", 0.0), "ddim-eta1": ("ddim", 1.0), "ddim-eta0.5": ("ddim", 0.5)}
+
+
 def _roles(cut: int, sampler: str):
+    kind, eta = SAMPLERS[sampler]
     cfg = tiny_config(diffusion={"timesteps": T}, split={"cut": cut},
-                      sample={"sampler": sampler, "ddim_steps": 6, "use_ema": False})
+                      sample={"sampler": kind, "eta": eta, "ddim_steps": 6, "use_ema": False})
     server = Server(cfg)
     client = Client(0, synthetic_clients(cfg)[0], cfg)
     # Identical weights on both sides (same architecture and label embedding size in the tiny config).
@@ -38,11 +42,12 @@ def _reference(cfg, net, cut, y, seed):
             eps = net(x, torch.full((len(y),), t), class_labels=y).sample
             if t >= cut:  # a server step: protocol t+1 > cut
                 eps = float(sch.server_eps_scale(t + 1, cut)) * eps
-            x = scheduler.step(eps, t, x, generator=g).prev_sample
+            extra = {"eta": cfg.sample.eta} if cfg.sample.sampler == "ddim" else {}  # diffusers' own eta argument
+            x = scheduler.step(eps, t, x, generator=g, **extra).prev_sample
     return x
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("cut", [0, 1, 7, 13, T])
 def test_split_sampling_equals_unsplit(sampler, cut):
     cfg, server, client = _roles(cut, sampler)

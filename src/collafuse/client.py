@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import ClientData
-from .diffusion import DiffusionSchedule, denoise, split_timesteps
+from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
@@ -53,7 +53,10 @@ class Client:
         model = node_model(cfg.client_model, self.labels, self._secret.seed("init", seeds.init), self.node_id,
                            cfg.image_shape)
         self.learner = Learner(model, cfg.train, self._secret.generator("noise", seeds.noise),
-                               self._secret.generator("sample", seeds.sample), str(self.device))
+                               self._secret.generator("sample", seeds.sample), str(self.device),
+                               total_steps=cfg.train.rounds * cfg.train.client_steps)
+        self._loss_w = self.schedule.loss_weights(range(1, self.cut + 1), cfg.train.min_snr_gamma) \
+            if self.cut >= 1 else None
         self._upload: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (view number, u, y)
         self._train_x = data.train_x.to(self.device)
         self._train_y = data.train_y.to(self.device)
@@ -96,7 +99,8 @@ class Client:
         eps = lr.randn(x0.shape)
         x_t = self.schedule.noise(x0, eps, t)
         ids = self.labels.drop(self.labels.encode(y), self.cfg.train.cond_drop_prob, lr.rng)
-        return lr.step(x_t, t - 1, ids, eps)
+        weights = None if self._loss_w is None else self._loss_w[t.cpu()]
+        return lr.step(x_t, t - 1, ids, eps, weights)
 
     def train(self, steps: int) -> float:
         """``steps`` local steps; returns their mean loss (NaN when the client owns no step)."""
@@ -163,12 +167,14 @@ class Client:
         ids = self.labels.encode(y.to(self.device))
 
         def eps_fn(x, t):
-            return predict_eps(model, x, t, ids, self.labels.null_id, sp.guidance_scale)
+            with self.learner.autocast():
+                return predict_eps(model, x, t, ids, self.labels.null_id, sp.guidance_scale).float()
 
         bar = tqdm(total=len(steps), desc=f"{self.node_id} steps", leave=False, disable=not self.show_progress)
         with bar:
             gen = generator or self.learner.sample_rng
-            return denoise(eps_fn, x_cut.to(self.device), steps, sched, gen, bar.update)
+            return denoise(eps_fn, x_cut.to(self.device), steps, sched, gen, bar.update,
+                           step_kwargs(sp.sampler, sp.eta))
 
     def sample(self, n: int, transport: Transport | None, generator: torch.Generator | None = None) -> dict:
         """Generate n images: ask the server for x_cut (one request per batch), then finish locally.

@@ -107,16 +107,34 @@ class TrainConfig:
     server_steps: int = 10  # S: server steps per round, on uploads mixed from all clients
     batch_size: int = 64
     lr: float = 1e-3  # Adam, as in the authors' code
+    # Learning-rate schedule per node over its rounds * steps (diffusers.optimization.get_scheduler): "constant", or
+    # "cosine" decay to 0 after a linear warm-up of lr_warmup_steps. Resuming with more rounds stretches the cosine.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    # Loss weights that depend only on the absolute t, so every node's optimum (the conditional mean) is unchanged:
+    # min_snr_gamma > 0 weights each sample by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Min-SNR-gamma,
+    # Hang et al. 2023, for epsilon prediction); server_abs_eps_weight multiplies the server's weight by k_t^2, which
+    # turns its relative-noise error into the absolute epsilon error an unsplit model minimises (split-protocol.md).
+    # Weights are divided by their mean over the node's t-range, so the loss keeps its scale. 0 / false: unweighted.
+    min_snr_gamma: float = 0.0
+    server_abs_eps_weight: bool = False
     ema_decay: float = 0.999  # with diffusers' EMA warm-up (1+n)/(10+n), so short runs are not stuck at init
     grad_clip: float = 1.0  # max global grad norm
     cond_drop_prob: float = 0.1  # label dropout, trains the null label for classifier-free guidance
     checkpoint_every: int = 1  # rounds between checkpoints; an interrupted run loses at most this many
+    # Matmul precision of forward passes (training and sampling). Weights, Adam state, EMA and the loss stay fp32;
+    # bf16 runs the model under torch.autocast. "auto": bf16 where the device has native bf16 (a CPU with avx512_bf16
+    # or AMX, a CUDA GPU that supports it), fp32 elsewhere. Not part of a run's identity: a run may resume in another.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
 @dataclass
 class SampleConfig:
     sampler: Literal["ddpm", "ddim"] = "ddim"  # ddpm runs every one of the T steps
     ddim_steps: int = 50  # approximate: the DDIM grid is anchored on the cut so the hand-off lands on x_cut
+    # DDIM's eta (Song et al. 2021, Eq. 16): 0 is deterministic DDIM, 1 draws the DDPM posterior's noise on the DDIM
+    # grid. Stochastic steps absorb the split's larger error just above the cut (split-protocol.md). DDIM only.
+    eta: float = 0.0
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = plain conditional model
     n_per_client: int = 36  # images per client grid
     batch_size: int = 128  # one sampling request per client per batch (coarse messages)
@@ -427,12 +445,15 @@ def validate(cfg: Config) -> None:
     for key in ("client_steps", "server_steps"):
         _require(0 <= getattr(tr, key) <= 10**7, f"train.{key}", getattr(tr, key), "an integer in [0, 10**7]")
     _require(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
+    _require(tr.lr_warmup_steps >= 0, "train.lr_warmup_steps", tr.lr_warmup_steps, "an integer >= 0")
+    _require(tr.min_snr_gamma >= 0, "train.min_snr_gamma", tr.min_snr_gamma, "a number >= 0 (0 = off)")
     _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "a number in [0, 1)")
     _require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "a number > 0")
     _require(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", tr.cond_drop_prob, "a number in [0, 1)")
 
     _require(1 <= sp.ddim_steps <= T, "sample.ddim_steps", sp.ddim_steps, f"an integer in [1, {T}]")
     _require(sp.guidance_scale >= 0, "sample.guidance_scale", sp.guidance_scale, "a number >= 0")
+    _require(0.0 <= sp.eta <= 1.0, "sample.eta", sp.eta, "a number in [0, 1] (DDIM only)")
     _require(sp.n_per_client >= 1, "sample.n_per_client", sp.n_per_client, "an integer >= 1")
     _require(sp.batch_size >= 1, "sample.batch_size", sp.batch_size, "an integer >= 1")
     _require(all(isinstance(c, int) and 0 <= c < n_classes for c in sp.shared_labels), "sample.shared_labels",

@@ -72,6 +72,30 @@ class DiffusionSchedule:
         r = ab_t / self.alpha_bar[cut]
         return (1 - ab_t).sqrt() / (1 - r).sqrt()
 
+    def loss_weights(self, steps: range, min_snr_gamma: float = 0.0, cut: int | None = None) -> torch.Tensor | None:
+        """Per-step loss weights for a node owning protocol ``steps``, indexed by protocol t (0..T), normalised to
+        mean 1 over ``steps``; None when unweighted. They depend on the absolute t only, so the node's optimum (the
+        conditional mean of its target) is unchanged.
+
+        - ``min_snr_gamma`` > 0: min(SNR_t, gamma) / SNR_t with SNR_t = abar_t / (1 - abar_t) (Min-SNR-gamma, Hang
+          et al. 2023, epsilon prediction);
+        - ``cut`` (the server): times k_t^2, so the relative-noise error counts as the absolute epsilon error
+          k_t^2 ||eps_S - eps'||^2 that an unsplit model minimises (split-protocol.md, near the cut).
+        """
+        if min_snr_gamma <= 0 and cut is None:
+            return None
+        t = torch.arange(self.T + 1)
+        w = torch.ones(self.T + 1, dtype=torch.float64)
+        ab = self.alpha_bar.double()
+        if min_snr_gamma > 0:
+            snr = ab[1:] / (1 - ab[1:])
+            w[1:] = snr.clamp(max=min_snr_gamma) / snr
+        if cut is not None:
+            w[cut + 1:] *= self.server_eps_scale(t[cut + 1:], cut).double() ** 2
+        idx = torch.tensor(list(steps))
+        w[idx] /= w[idx].mean()
+        return w.float()
+
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
 
@@ -101,6 +125,11 @@ class DiffusionSchedule:
         raise ValueError(f"sampler = {kind!r} is invalid (allowed: 'ddpm', 'ddim')")
 
 
+def step_kwargs(kind: str, eta: float = 0.0) -> dict:
+    """Extra arguments of ``scheduler.step`` for a sampler: DDIM's ``eta`` (DDPM takes none)."""
+    return {"eta": float(eta)} if kind == "ddim" else {}
+
+
 def split_timesteps(timesteps: torch.Tensor, cut: int) -> tuple[list[int], list[int]]:
     """Server steps (protocol t > cut, i.e. index >= cut) and client steps (index < cut), in sampling order."""
     ts = [int(t) for t in timesteps]
@@ -115,10 +144,12 @@ def denoise(
     scheduler,
     generator: torch.Generator | None = None,
     progress: Callable | None = None,
+    step_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """Run ``scheduler.step`` over ``timesteps`` from ``x``. Either side of the split calls this on its own steps."""
+    """Run ``scheduler.step`` over ``timesteps`` from ``x``. Either side of the split calls this on its own steps.
+    ``step_kwargs`` go to every step (DDIM's ``eta``: see `step_kwargs`)."""
     for t in timesteps:
-        x = scheduler.step(eps_fn(x, t), t, x, generator=generator).prev_sample
+        x = scheduler.step(eps_fn(x, t), t, x, generator=generator, **(step_kwargs or {})).prev_sample
         if progress is not None:
             progress()
     return x

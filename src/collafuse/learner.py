@@ -11,9 +11,24 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from .config import TrainConfig
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """"fp32" or "bf16" for ``train.precision`` on ``device``: "auto" is bf16 only where the hardware has it natively
+    (emulated bf16 is slower than fp32)."""
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if dev.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bf16" if native else "fp32"
+    return "fp32"
 
 
 class Learner:
@@ -23,19 +38,32 @@ class Learner:
         rng (`torch.Generator`): this node's CPU stream for batches, timesteps and noise.
         sample_rng (`torch.Generator`): this node's CPU stream for sampling noise.
         device (`str`): where the model runs.
+        total_steps (`int`, defaults to 0): the node's training steps over the whole run (rounds x steps per round),
+            the length of a cosine learning-rate schedule.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, rng: torch.Generator, sample_rng: torch.Generator,
-                 device: str = "cpu"):
+                 device: str = "cpu", total_steps: int = 0):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.cfg = cfg
         self.rng = rng
         self.sample_rng = sample_rng
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        # None keeps the constant learning rate of runs from before the option (no scheduler state to save).
+        self.lr_scheduler = None
+        if cfg.lr_schedule != "constant" or cfg.lr_warmup_steps:
+            name = "cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup"
+            self.lr_scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                              num_training_steps=max(total_steps, cfg.lr_warmup_steps + 1))
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay)
         self.steps = 0
         self._ema_model: torch.nn.Module | None = None
+        self.precision = resolve_precision(getattr(cfg, "precision", "fp32"), self.device)
+
+    def autocast(self):
+        """The forward passes' precision: bf16 autocast (fp32 weights; matmuls and convolutions in bf16) or none."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # -- randomness: always drawn on the CPU stream, then moved, so every device sees the same numbers ----------------
     def randn(self, shape) -> torch.Tensor:
@@ -44,15 +72,24 @@ class Learner:
     def randint(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
 
-    def step(self, x_t: torch.Tensor, t_index: torch.Tensor, ids: torch.Tensor | None, target: torch.Tensor) -> float:
-        """One optimizer step on ||model(x_t, t, ids) - target||^2 (Ho et al. 2020, Algorithm 1)."""
+    def step(self, x_t: torch.Tensor, t_index: torch.Tensor, ids: torch.Tensor | None, target: torch.Tensor,
+             weights: torch.Tensor | None = None) -> float:
+        """One optimizer step on ||model(x_t, t, ids) - target||^2 (Ho et al. 2020, Algorithm 1), each sample's
+        squared error times ``weights`` [B] when given."""
         self.model.train()
-        pred = self.model(x_t, t_index, class_labels=ids).sample
-        loss = F.mse_loss(pred, target)
+        with self.autocast():
+            pred = self.model(x_t, t_index, class_labels=ids).sample
+        if weights is None:
+            loss = F.mse_loss(pred.float(), target)  # the loss and everything after it in fp32
+        else:
+            per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+            loss = (weights.to(per_sample) * per_sample).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
         self.ema.step(self.model.parameters())
         self.steps += 1
         self._ema_model = None
@@ -80,6 +117,8 @@ class Learner:
         tensors["rng"] = self.rng.get_state()
         tensors["sample_rng"] = self.sample_rng.get_state()
         meta = {"steps": self.steps, "ema": ema, "optim_param_groups": opt["param_groups"]}
+        if self.lr_scheduler is not None:
+            meta["lr_scheduler"] = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -99,6 +138,8 @@ class Learner:
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                   for g in meta["optim_param_groups"]]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if self.lr_scheduler is not None and "lr_scheduler" in meta:
+            self.lr_scheduler.load_state_dict({**meta["lr_scheduler"], "lr_lambdas": [None]})
         self.rng.set_state(tensors["rng"])
         self.sample_rng.set_state(tensors["sample_rng"])
         self.steps = int(meta["steps"])

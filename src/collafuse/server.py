@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .diffusion import DiffusionSchedule, denoise, split_timesteps
+from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_index
@@ -40,7 +40,12 @@ class Server:
         self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
         model = node_model(m, self.labels, cfg.seeds.init, SERVER, cfg.image_shape)
         self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER),
-                               make_generator(cfg.seeds.sample, SERVER), str(self.device))
+                               make_generator(cfg.seeds.sample, SERVER), str(self.device),
+                               total_steps=cfg.train.rounds * cfg.train.server_steps)
+        tr = cfg.train
+        self._loss_w = self.schedule.loss_weights(range(self.cut + 1, self.T + 1), tr.min_snr_gamma,
+                                                  self.cut if tr.server_abs_eps_weight else None) \
+            if self.cut < self.T else None
         self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)
         self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # The labels each client uploaded: the only labels it may request hand-offs for (plus sample.shared_labels).
@@ -101,7 +106,8 @@ class Server:
         eps_rel = lr.randn(u.shape)
         x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
         ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, lr.rng)
-        return lr.step(x_t, t - 1, ids, eps_rel)
+        weights = None if self._loss_w is None else self._loss_w[t.cpu()]
+        return lr.step(x_t, t - 1, ids, eps_rel, weights)
 
     def train(self, steps: int) -> float:
         """``steps`` server steps on the mixed uploads; returns their mean loss (NaN if the server owns no step)."""
@@ -122,11 +128,13 @@ class Server:
         scale = {t: float(self.schedule.server_eps_scale(t + 1, self.cut)) for t in steps}  # diffusers t = protocol t-1
 
         def eps_fn(x_t, t):
-            return scale[t] * predict_eps(model, x_t, t, ids, self.labels.null_id, sp.guidance_scale)
+            with self.learner.autocast():
+                eps = predict_eps(model, x_t, t, ids, self.labels.null_id, sp.guidance_scale)
+            return scale[t] * eps.float()
 
         bar = tqdm(total=len(steps), desc="server steps", leave=False, disable=not self.show_progress)
         with bar:
-            return denoise(eps_fn, x, steps, sched, gen, bar.update).float().cpu()
+            return denoise(eps_fn, x, steps, sched, gen, bar.update, step_kwargs(sp.sampler, sp.eta)).float().cpu()
 
     def handle(self, msg: Message) -> Message | None:
         """Act on a client's message. Everything is checked before anything changes, so a refused message
