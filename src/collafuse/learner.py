@@ -59,7 +59,7 @@ class Learner:
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay)
         self.steps = 0
         self._ema_model: torch.nn.Module | None = None
-        self.precision = resolve_precision(getattr(cfg, "precision", "fp32"), self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
 
     def autocast(self):
         """The forward passes' precision: bf16 autocast (fp32 weights; matmuls and convolutions in bf16) or none."""
