@@ -37,7 +37,7 @@ from ..client import Client
 from ..config import Config, ConfigError, load_config
 from ..data import load_client_datasets, load_client_source
 from ..images import save_grid
-from ..protocol import ANY_CLIENT, Message, ProtocolError, check_message, client_node
+from ..protocol import ANY_CLIENT, Message, ProtocolError, bounded_reason, check_message, client_node
 from ..runner import Orchestrator
 from ..seeding import load_or_create_secret, read_secret_file
 from ..server import Server
@@ -127,8 +127,6 @@ class ClientNode:
         Every reply passes ``check_message``: the error for a message that did not decode is built from this node's
         id and a bounded reason, and everything else comes through ``handle_checked``, which checks the role's
         reply (the request was checked, so its sender is the server and an ``error`` back to it is allowed)."""
-        from ..protocol import bounded_reason
-
         try:
             msg = decode(content)
             check_message(msg)
