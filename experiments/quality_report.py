@@ -50,7 +50,7 @@ def main() -> int:
     fed = load_run(a.runs / first)
     cfg = fed.cfg
     n = runs[first][1]["n_samples_per_client"]
-    n_real = cfg.eval.n_real
+    n_real = next(iter(runs[first][1]["fidelity"]["per_client"].values()))["vs_test"]["n_real"]  # as evaluated
     extractor = get_extractor("classifier", data_root=cfg.data.root, cache_dir=cfg.eval.cache_dir or None,
                               arrays=classifier_arrays(cfg), progress=False)
     floor = {c.node_id: fid_kid(c.data.test_x[:n_real], c.data.train_x[:n], extractor)["fid"] for c in fed.clients}
@@ -80,18 +80,18 @@ def main() -> int:
     names = list(floor)
     print(f"classifier FID vs held-out images, {n} samples per client ({n_real} real); floor = {n} real train images")
     print("| run | cut | rounds | train min | " + " | ".join(f"FID {c}" for c in names) + " | mean FID | mean / floor "
-          "| KID x1e3 (mean) | slope (FID/h) |")
+          "| KID (mean) | slope (FID/h) |")
     print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|")
     mean_floor = sum(floor.values()) / len(floor)
     print("| real floor | - | - | - | " + " | ".join(f"{floor[c]:.2f}" for c in names)
           + f" | {mean_floor:.2f} | 1.00 | - | - |")
     for name, r in rows.items():
         mean = sum(r["fid_vs_test"].values()) / len(names)
-        kid = sum(r["kid_vs_test"].values()) / len(names) * 1e3
+        kid = sum(r["kid_vs_test"].values()) / len(names)
         slope = r.get("slope_fid_per_hour")
         print(f"| {name} | {r['cut']} | {r['rounds']} | {r['train_seconds'] / 60:.1f} | "
               + " | ".join(f"{r['fid_vs_test'][c]:.1f}" for c in names)
-              + f" | {mean:.1f} | {mean / mean_floor:.1f} | {kid:.1f} | "
+              + f" | {mean:.1f} | {mean / mean_floor:.1f} | {kid:.3f} | "
               + (f"{slope:+.1f}" if slope is not None else "-") + " |")
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
