@@ -96,9 +96,9 @@ class AnalyticEps(torch.nn.Module):
         return type("Out", (), {"sample": eps})()
 
 
-def _analytic_split_sample(sampler: str, cut: int, T: int = 1000, n: int = 64) -> torch.Tensor:
+def _analytic_split_sample(sampler: str, cut: int, T: int = 1000, n: int = 64, eta: float = 0.0) -> torch.Tensor:
     cfg = tiny_config(diffusion={"timesteps": T, "clip_sample": False}, split={"cut": cut},
-                      sample={"sampler": sampler, "ddim_steps": 100, "use_ema": False, "batch_size": 256})
+                      sample={"sampler": sampler, "ddim_steps": 100, "eta": eta, "use_ema": False, "batch_size": 256})
     server = Server(cfg)
     client = Client(0, synthetic_clients(cfg)[0], cfg)
     server.learner.model = AnalyticEps(server.schedule, relative_to=cut)
@@ -108,14 +108,16 @@ def _analytic_split_sample(sampler: str, cut: int, T: int = 1000, n: int = 64) -
     return client.finish(server.sample_to_cut(y, 0, g), y, g)  # n x 784 pixel draws
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_split_sampling_with_analytic_denoisers_recovers_the_data(sampler):
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_split_sampling_with_analytic_denoisers_recovers_the_data(sampler, eta):
     """Through the real Server.sample_to_cut (k_t conversion) and Client.finish: the split draws from the data
     distribution as well as one model doing every step (cut 0, k_t = 1)."""
-    single = _analytic_split_sample(sampler, cut=0)
+    single = _analytic_split_sample(sampler, cut=0, eta=eta)
     for cut in (200, 1000):
-        split = _analytic_split_sample(sampler, cut)
+        split = _analytic_split_sample(sampler, cut, eta=eta)
         assert split.mean().item() == pytest.approx(single.mean().item(), abs=0.005)
         assert split.std().item() == pytest.approx(single.std().item(), abs=0.005)
     assert single.mean().item() == pytest.approx(MU, abs=0.01)
-    assert single.std().item() == pytest.approx(SIGMA, abs=0.01)
+    # Stochastic DDIM with a stride of 10 plugs in E[x0 | x_t] at every step, which loses some of the data's
+    # variance (0.385 for 0.4 here); DDPM (stride 1) and the deterministic ODE keep it to within 0.01.
+    assert single.std().item() == pytest.approx(SIGMA, abs=0.01 if eta == 0 else 0.03)
