@@ -56,17 +56,14 @@ def parse_sampler(text: str) -> tuple[str, int, float]:
 
 def score(fed, spec: tuple[str, int, float], n: int, extractor, tag: str) -> dict[str, float]:
     """Mean and per-client classifier FID of ``n`` samples per client drawn with sampler ``spec``."""
-    from collafuse.fidelity import fid_kid
+    from collafuse.evaluate import sample_fids
 
     kind, steps, eta = spec
     sp = fed.cfg.sample
     saved = (sp.sampler, sp.ddim_steps, sp.eta)
     sp.sampler, sp.ddim_steps, sp.eta = kind, steps, eta  # the server and the clients share this config object
     try:
-        fids = {}
-        for c in fed.clients:
-            x0 = fed.sample(c.index, n, c.stream("convergence", tag, fed.cfg.seeds.sample))["x0"]
-            fids[c.node_id] = fid_kid(c.data.test_x[:2000], x0, extractor)["fid"]
+        fids, _ = sample_fids(fed, n, extractor, "convergence", tag, fed.cfg.seeds.sample)
     finally:
         sp.sampler, sp.ddim_steps, sp.eta = saved
     return {"mean": sum(fids.values()) / len(fids), **fids}
@@ -169,9 +166,13 @@ def main() -> int:
             bar.update(1)
     bar.close()
     if a.grids:
-        for name, (fed, _) in runs.items():
+        for name, (fed, rs) in runs.items():
+            if rs.get("grids") == [rs["rounds_done"], a.grids]:
+                continue  # a resumed, finished benchmark: this run's grids are already there
             for c in fed.clients:  # the configured [sample] sampler, as `collafuse run` draws its grids
                 write_client_images(fed, c.index, a.grids, a.out / name)
+            rs["grids"] = [rs["rounds_done"], a.grids]
+            save_state()
 
     meta = {"config": a.config, "overrides": a.overrides, "fast_sampler": a.fast, "n": a.n, "ddpm_n": a.ddpm_n,
             "threads": torch.get_num_threads(), "recipes": recipes}

@@ -30,10 +30,12 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     from collafuse.checkpoint import write_text_atomic
+    from collafuse.config import load_config
+    from collafuse.data import load_client_datasets
     from collafuse.evaluate import classifier_arrays
     from collafuse.features import get_extractor
     from collafuse.fidelity import fid_kid
-    from collafuse.runner import load_run
+    from collafuse.protocol import client_node
 
     state = json.loads((a.runs / "state.json").read_text())
     a.out.mkdir(parents=True, exist_ok=True)
@@ -47,13 +49,13 @@ def main() -> int:
 
     # The floor: the same client's real train images vs its held-out images, n vs n, same extractor and subsets.
     first = next(iter(runs))
-    fed = load_run(a.runs / first)
-    cfg = fed.cfg
+    cfg = load_config(a.runs / first / "config.toml")
+    clients = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)  # the runs' own splits (same seed)
     n = runs[first][1]["n_samples_per_client"]
     n_real = next(iter(runs[first][1]["fidelity"]["per_client"].values()))["vs_test"]["n_real"]  # as evaluated
     extractor = get_extractor("classifier", data_root=cfg.data.root, cache_dir=cfg.eval.cache_dir or None,
                               arrays=classifier_arrays(cfg), progress=False)
-    floor = {c.node_id: fid_kid(c.data.test_x[:n_real], c.data.train_x[:n], extractor)["fid"] for c in fed.clients}
+    floor = {client_node(i): fid_kid(c.test_x[:n_real], c.train_x[:n], extractor)["fid"] for i, c in enumerate(clients)}
 
     rows = {}
     for name, (rs, ev) in runs.items():

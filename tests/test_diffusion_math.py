@@ -108,7 +108,7 @@ def _analytic_split_sample(sampler: str, cut: int, T: int = 1000, n: int = 64, e
     return client.finish(server.sample_to_cut(y, 0, g), y, g)  # n x 784 pixel draws
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver", 0.0)])
 def test_split_sampling_with_analytic_denoisers_recovers_the_data(sampler, eta):
     """Through the real Server.sample_to_cut (k_t conversion) and Client.finish: the split draws from the data
     distribution as well as one model doing every step (cut 0, k_t = 1)."""

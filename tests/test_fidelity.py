@@ -14,6 +14,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from collafuse import features
 from collafuse.data import load_fashion_mnist
+from collafuse.evaluate import sample_fids
 from collafuse.features import (
     ClassifierFeatures,
     ClassifierRecipe,
@@ -33,6 +34,8 @@ from collafuse.fidelity import (
     label_histogram,
     total_variation,
 )
+from collafuse.runner import Federation
+from conftest import fixed_secrets, synthetic_clients, tiny_config
 
 TINY_RECIPE = ClassifierRecipe(seed=3, epochs=2, batch_size=16)
 
@@ -291,3 +294,18 @@ def test_label_histogram_through_a_classifier():
     assert collapsed["label_agreement"] == 0.0
     with pytest.raises(ValueError, match="exactly one"):
         compare_label_mix(x, clf)
+
+
+def test_sample_fids_scores_fresh_samples_of_the_named_client_stream(extractor):
+    """The benchmarks' quick score: each client's own draw from its secret stream named by the caller, against the
+    first ``n_real`` held-out images (the reference redraws by hand and scores with fid_kid directly)."""
+    cfg = tiny_config()
+    fed = Federation(cfg, clients_data=synthetic_clients(cfg), secrets=fixed_secrets(cfg.data.num_clients))
+    fed.set_progress(False)
+    fids, seconds = sample_fids(fed, 6, extractor, "bench", 1, n_real=5)
+    assert set(fids) == {f"client{i}" for i in range(cfg.data.num_clients)} and seconds > 0
+    for c in fed.clients:
+        x0 = fed.sample(c.index, 6, c.stream("bench", 1))["x0"]
+        assert fids[c.node_id] == pytest.approx(fid_kid(c.data.test_x[:5], x0, extractor)["fid"], rel=1e-6)
+    other, _ = sample_fids(fed, 6, extractor, "bench", 2, n_real=5)
+    assert all(other[k] != fids[k] for k in fids)  # another stream name: other samples

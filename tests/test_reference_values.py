@@ -58,12 +58,23 @@ GRIDS = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["ddim", "dpmsolver"])
 @pytest.mark.parametrize("key,grid,server,client", GRIDS)
-def test_ddim_grid_and_split_by_hand(key, grid, server, client):
+def test_ddim_grid_and_split_by_hand(kind, key, grid, server, client):
     T, cut, n = key
-    sched = DiffusionSchedule(DiffusionConfig(timesteps=T)).sampler("ddim", cut, n)
+    sched = DiffusionSchedule(DiffusionConfig(timesteps=T)).sampler(kind, cut, n)
     assert [int(t) for t in sched.timesteps] == grid
     assert split_timesteps(sched.timesteps, cut) == (server, client)
+
+
+def test_dpmsolver_steps_from_each_grid_point_to_the_next_and_ends_at_x0():
+    """DPM-Solver's noise levels: sigma = sqrt((1 - abar) / abar) at each listed index (diffusers numbering), then 0,
+    so the step from index 9 (T 20, cut 6) lands on index 5, protocol step 6 = x_cut, and the last one on x0."""
+    cfg = DiffusionConfig(timesteps=20)
+    sched = DiffusionSchedule(cfg).sampler("dpmsolver", 6, 5)
+    ab = cosine_alpha_bar(20)  # protocol t: diffusers index i has abar_{i+1}
+    expected = [math.sqrt((1 - ab[t + 1]) / ab[t + 1]) for t in (17, 13, 9, 5, 1)] + [0.0]
+    assert sched.sigmas.tolist() == pytest.approx(expected, rel=2e-3)
 
 
 def test_ddpm_grid_is_every_step_and_splits_at_the_cut():

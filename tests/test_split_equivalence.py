@@ -2,7 +2,9 @@
 
 The reference is written directly against diffusers (one scheduler, one loop over every timestep, one generator):
 for t > cut it uses the server's converted prediction k_t * eps_S, for t <= cut the client's eps_c. The split run
-goes through Server.sample_to_cut, a hand-off, and Client.finish on their own scheduler instances.
+goes through Server.sample_to_cut, a hand-off, and Client.finish on their own scheduler instances. The multistep
+DPM-Solver++ is defined on the split as two runs of the solver (the client's starts afresh from x_cut, with no
+history of the server's steps), so the reference starts a fresh scheduler at the hand-off as well.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from conftest import synthetic_clients, tiny_config
 T = 20
 
 
-SAMPLERS = {"ddpm": ("ddpm", 0.0), "ddim": ("ddim", 0.0), "ddim-eta1": ("ddim", 1.0), "ddim-eta0.5": ("ddim", 0.5)}
+SAMPLERS = {"ddpm": ("ddpm", 0.0), "ddim": ("ddim", 0.0), "ddim-eta1": ("ddim", 1.0), "ddim-eta0.5": ("ddim", 0.5),
+            "dpmsolver": ("dpmsolver", 0.0)}
 
 
 def _roles(cut: int, sampler: str):
@@ -39,6 +42,8 @@ def _reference(cfg, net, cut, y, seed):
     x = torch.randn((len(y), *cfg.image_shape), generator=g)
     with torch.no_grad():
         for t in scheduler.timesteps.tolist():
+            if cfg.sample.sampler == "dpmsolver" and t == cut - 1:  # the hand-off: the client's solver starts afresh
+                scheduler = sch.sampler(cfg.sample.sampler, cut, cfg.sample.ddim_steps)
             eps = net(x, torch.full((len(y),), t), class_labels=y).sample
             if t >= cut:  # a server step: protocol t+1 > cut
                 eps = float(sch.server_eps_scale(t + 1, cut)) * eps
@@ -59,7 +64,7 @@ def test_split_sampling_equals_unsplit(sampler, cut):
     torch.testing.assert_close(split, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
 def test_cut_zero_is_the_global_model_and_cut_T_the_client_model(sampler):
     """Cut 0: the server alone, k_t = 1 throughout, equals a single-model run; the client adds no step.
     Cut T: the server adds no step; the client alone equals a single-model run (x_T drawn by the client)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from .config import DiffusionConfig
 
@@ -99,7 +99,7 @@ class DiffusionSchedule:
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
 
-    def sampler(self, kind: Literal["ddpm", "ddim"], cut: int, ddim_steps: int = 50):
+    def sampler(self, kind: Literal["ddpm", "ddim", "dpmsolver"], cut: int, ddim_steps: int = 50):
         """A diffusers scheduler whose timestep sequence contains the hand-off to x_cut.
 
         DDPM runs all T steps. DDIM uses a uniform stride r = T // ddim_steps anchored on the cut: the sequence is
@@ -107,22 +107,35 @@ class DiffusionSchedule:
         (DDIMScheduler steps from t to t - T // num_inference_steps, so any list with that stride is valid.)
         The sequence may hold one step more or fewer than ``ddim_steps``; when the server's segment T - cut is shorter
         than the stride, the stride shrinks until the server gets a step.
+
+        ``dpmsolver`` is DPM-Solver++(2M) with SDE noise (Lu et al. 2022, "DPM-Solver++", Sec. 4 and its SDE variant
+        in diffusers) on the same cut-anchored grid: it steps from each listed timestep to the next one, so the
+        server's last step also ends on x_cut. It is a multistep solver, and each side runs it on a scheduler of its
+        own: the client's first step (from x_cut) is first order, with no history from the server's steps.
+        ``clip_sample`` becomes thresholding at 1, the same clamp of the predicted x0 to [-1, 1].
         """
         if kind == "ddpm":
             sched = DDPMScheduler(**self.scheduler_kwargs)
             sched.set_timesteps(num_inference_steps=self.T)
             return sched
+        if kind not in ("ddim", "dpmsolver"):
+            raise ValueError(f"sampler = {kind!r} is invalid (allowed: 'ddpm', 'ddim', 'dpmsolver')")
+        n = ddim_steps
+        while cut < self.T and self.T // n > self.T - cut:
+            n += 1  # the server's segment must hold at least one stride, or it would get no step at all
+        stride = self.T // n
+        grid = torch.arange((cut - 1) % stride, self.T, stride).flip(0)
         if kind == "ddim":
-            n = ddim_steps
-            while cut < self.T and self.T // n > self.T - cut:
-                n += 1  # the server's segment must hold at least one stride, or it would get no step at all
             sched = DDIMScheduler(**self.scheduler_kwargs, set_alpha_to_one=True)
             sched.set_timesteps(n)  # sets num_inference_steps, hence the stride T // n used by step()
-            stride = self.T // n
-            start = (cut - 1) % stride
-            sched.timesteps = torch.arange(start, self.T, stride).flip(0)
+            sched.timesteps = grid
             return sched
-        raise ValueError(f"sampler = {kind!r} is invalid (allowed: 'ddpm', 'ddim')")
+        kw = {k: v for k, v in self.scheduler_kwargs.items() if k != "clip_sample"}
+        sched = DPMSolverMultistepScheduler(**kw, algorithm_type="sde-dpmsolver++", solver_order=2,
+                                            final_sigmas_type="zero", thresholding=self.cfg.clip_sample,
+                                            sample_max_value=1.0)
+        sched.set_timesteps(timesteps=grid.tolist())
+        return sched
 
 
 def step_kwargs(kind: str, eta: float = 0.0) -> dict:

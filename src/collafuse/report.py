@@ -103,7 +103,7 @@ def write_report(fed: Federation, out: Path, metrics: dict, command: str) -> Pat
         f"S = {cfg.train.server_steps} server steps), batch {cfg.train.batch_size}; "
         f"wall time {metrics['train_seconds_total']:.1f} s on `{cfg.run.device}`",
         f"- sampling: {cfg.sample.sampler}"
-        + (f" ({cfg.sample.ddim_steps} steps, grid anchored on the cut)" if cfg.sample.sampler == "ddim" else "")
+        + (f" ({cfg.sample.ddim_steps} steps, grid anchored on the cut)" if cfg.sample.sampler != "ddpm" else "")
         + f", guidance scale {cfg.sample.guidance_scale}, EMA weights: {cfg.sample.use_ema}",
         "",
         "## Images",
