@@ -167,11 +167,13 @@ def main() -> int:
     bar.close()
     if a.grids:
         for name, (fed, rs) in runs.items():
-            if rs.get("grids") == [rs["rounds_done"], a.grids]:
-                continue  # a resumed, finished benchmark: this run's grids are already there
+            sp = fed.cfg.sample
+            key = [rs["rounds_done"], a.grids, f"{sp.sampler}:{sp.ddim_steps}:{sp.eta:g}"]
+            if rs.get("grids") == key:
+                continue  # a resumed, finished benchmark: this run's grids are already there, drawn the same way
             for c in fed.clients:  # the configured [sample] sampler, as `collafuse run` draws its grids
                 write_client_images(fed, c.index, a.grids, a.out / name)
-            rs["grids"] = [rs["rounds_done"], a.grids]
+            rs["grids"] = key
             save_state()
 
     meta = {"config": a.config, "overrides": a.overrides, "fast_sampler": a.fast, "n": a.n, "ddpm_n": a.ddpm_n,

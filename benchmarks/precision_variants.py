@@ -5,9 +5,10 @@ UNet of configs/demo.toml (batch 64, 28x28, class-conditional) it times the trai
 (autocast forward, fp32 MSE, backward, gradient clipping, Adam, diffusers EMA) in fp32 and then in bf16 autocast with
 each combination of: channels_last memory format (model and batch), ``torch.optim.Adam(fused=True)``, and
 ``EMAModel(foreach=True)``. Each variant: 3 warm-up steps, then the median of ``--steps`` timed steps, in one
-process. Prints ms per step and the speed-up over fp32. A measurement, not a test.
+process. Prints ms per step and the speed-up over fp32. With ``--profile`` it then prints where the server's plain
+bf16 step spends its time (torch.profiler, self CPU time per operator). A measurement, not a test.
 
-    .venv/bin/python benchmarks/precision_variants.py --threads 2
+    .venv/bin/python benchmarks/precision_variants.py --threads 2 --profile
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collafuse.models import build_unet
 
 
 def step_ms(cfg: ModelConfig, bf16: bool, channels_last: bool, fused_adam: bool, ema_foreach: bool,
-            steps: int) -> float:
+            steps: int, profile: bool = False) -> float:
     model = build_unet(cfg, 11, seed=0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -50,6 +51,15 @@ def step_ms(cfg: ModelConfig, bf16: bool, channels_last: bool, fused_adam: bool,
 
     for _ in range(3):
         one_step()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                one_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return 0.0
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -62,6 +72,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per variant (default: %(default)s)")
+    p.add_argument("--profile", action="store_true", help="then profile the server's bf16 step by operator")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -78,6 +89,9 @@ def main() -> int:
             yes = {True: "yes", False: "no"}
             print(f"| {name} | bf16 | {yes[cl]} | {yes[fused]} | {yes[foreach]} | {ms:.1f} | {fp32 / ms:.2f}x |",
                   flush=True)
+    if a.profile:
+        print("\nserver, bf16 autocast, plain step: self CPU time per operator")
+        step_ms(nodes["server"], True, False, False, False, a.steps, profile=True)
     return 0
 
 

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quality}
 RESULTS=${RESULTS:-results/fashion-mnist-quality}
 SAMPLERS=${SAMPLERS:-results/samplers}
-SPECS=${SPECS:-ddpm:1000:0,ddim:25:1,ddim:50:1,ddim:100:1,ddim:250:1,ddim:50:0}
+SPECS=${SPECS:-ddpm:1000:0,ddim:25:1,ddim:50:1,ddim:100:1,ddim:50:0,dpmsolver:25:0,dpmsolver:50:0,dpmsolver:100:0}
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"

@@ -40,7 +40,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("split.cut=1001", "split.cut = 1001 is invalid (allowed: an integer step in [0, 1000]"),
     ("split.cut=-1", "split.cut = -1"),
     ("split.cut_ratio=1.5", "split.cut_ratio = 1.5"),
-    ("sample.sampler=euler", "sample.sampler = 'euler' is invalid (expected one of 'ddpm', 'ddim')"),
+    ("sample.sampler=euler", "sample.sampler = 'euler' is invalid (expected one of 'ddpm', 'ddim', 'dpmsolver')"),
     ("diffusion.schedule=quadratic", "diffusion.schedule = 'quadratic'"),
     ("data.num_clients=11", "data.num_clients = 11 is invalid (allowed: at most 10 clients"),
     ("train.roundz=3", "unknown key 'train.roundz'"),

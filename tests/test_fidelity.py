@@ -298,10 +298,12 @@ def test_label_histogram_through_a_classifier():
 
 def test_sample_fids_scores_fresh_samples_of_the_named_client_stream(extractor):
     """The benchmarks' quick score: each client's own draw from its secret stream named by the caller, against the
-    first ``n_real`` held-out images (the reference redraws by hand and scores with fid_kid directly)."""
-    cfg = tiny_config()
+    first ``n_real`` held-out images (the reference redraws by hand and scores with fid_kid directly). At cut T the
+    clients sample alone, so the named stream fixes every sample (the server's steps draw from the server's own)."""
+    T = tiny_config().diffusion.timesteps
+    cfg = tiny_config(train={"rounds": 1}, split={"cut": T})
     fed = Federation(cfg, clients_data=synthetic_clients(cfg), secrets=fixed_secrets(cfg.data.num_clients))
-    fed.set_progress(False)
+    fed.train(progress=False)  # one round: the server holds uploads, so it serves the clients' labels
     fids, seconds = sample_fids(fed, 6, extractor, "bench", 1, n_real=5)
     assert set(fids) == {f"client{i}" for i in range(cfg.data.num_clients)} and seconds > 0
     for c in fed.clients:
