@@ -91,10 +91,15 @@ def main() -> int:
                               arrays=classifier_arrays(cfg), progress=False)
 
     def save(rows: list[dict]) -> None:
+        """Write this invocation's rows so far and every row of the resumed file not reached yet (a table killed
+        halfway keeps all its draws)."""
         if a.json:
+            reached = {(r["sampler"], r["steps"], r["eta"]) for r in rows if r}
+            rest = [r for key, r in done.items() if key not in reached]
             a.json.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(a.json, json.dumps({"run": str(a.run_dir), "cut": cfg.cut, "n": a.n,
-                                                  "rounds": base.history.rounds_done, "rows": rows}, indent=1))
+                                                  "rounds": base.history.rounds_done,
+                                                  "rows": [r for r in rows if r] + rest}, indent=1))
 
     rows = []
     for kind, steps, eta in specs:
@@ -103,12 +108,20 @@ def main() -> int:
             row.setdefault("repeats", [row["fid"]])
             row.setdefault("seconds_per_image_repeats", [row["seconds_per_image"]])
         rows.append(row)
-        fed = None
-        for rep in range(len(row["repeats"]) if row else 0, a.ddpm_repeats if kind == "ddpm" else a.repeats):
-            if fed is None:
-                fed = load_run(a.run_dir, [f"sample.sampler={kind}", f"sample.ddim_steps={steps}", f"sample.eta={eta}"])
-            # The same client streams for every spec (repeat 0 keeps the name of the tables made before repeats).
+        have, want = len(row["repeats"]) if row else 0, a.ddpm_repeats if kind == "ddpm" else a.repeats
+        fed = None if have >= want else load_run(
+            a.run_dir, [f"sample.sampler={kind}", f"sample.ddim_steps={steps}", f"sample.eta={eta}"])
+        for rep in range(want if fed is not None else 0):
+            # Draw r: the client streams named by r (repeat 0 keeps the name of the tables made before repeats), and
+            # the server's own sampling stream as it stands after r draws from the checkpoint (the server draws
+            # x_T and its steps' noise from it). A resumed table replays the draws it has, to put it there.
             stream = ("sampler-fid", cfg.seeds.sample) + ((rep,) if rep else ())
+            if rep < have:
+                replay, _ = sample_fids(fed, a.n, extractor, *stream)
+                if any(abs(replay[k] - v) > 1e-6 * max(1.0, v) for k, v in row["repeats"][rep].items()):
+                    print(f"warning: {kind}-{steps} eta {eta:g} draw {rep} replayed to other FIDs ({replay}): the "
+                          f"checkpoint or the code changed since it was drawn", flush=True)
+                continue
             fids, seconds = sample_fids(fed, a.n, extractor, *stream)
             if row is None:
                 sched = fed.server.schedule.sampler(kind, cfg.cut, steps)
