@@ -34,7 +34,8 @@ How to run
     .venv/bin/python benchmarks/throughput.py --device cuda
 
 It is a measurement, not a test: it always exits 0 and only prints the numbers (targets: fp32 overhead <= 5%;
-split training >= 1.6x the plain fp32 loop's img/s at the best precision).
+split training >= 1.6x the plain fp32 loop's img/s at the best precision, per node and for a whole round: the
+server's steps and every client's, each at its node's measured rate).
 """
 
 from __future__ import annotations
@@ -233,6 +234,23 @@ def print_table(results: list[Result], peaks: dict[str, float]) -> None:
                   f"diffusers loop (target <= {TARGET_OVERHEAD_PCT:g}%)")
 
 
+def print_round(results: list[Result], cfg: Config) -> None:
+    """The whole of split training: one round of ``cfg`` (the server's steps, then every client's), each step at its
+    node's median throughput, against the same round of plain fp32 steps."""
+    server, client = results
+    steps = {"server": cfg.train.server_steps, "clients": cfg.data.num_clients * cfg.train.client_steps}
+
+    def round_seconds(loop: str) -> float:
+        per_step = cfg.train.batch_size
+        return steps["server"] * per_step / server.median(loop) + steps["clients"] * per_step / client.median(loop)
+
+    print(f"\none round of the config ({steps['server']} server steps + {steps['clients']} client steps, "
+          f"{cfg.data.num_clients} clients x {cfg.train.client_steps}):")
+    for loop in server.ips:
+        print(f"  {loop}: {round_seconds(loop):.2f} s, speed-up {round_seconds(PLAIN) / round_seconds(loop):.2f}x "
+              f"over plain fp32")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "demo.toml"), help="run config (default: %(default)s)")
@@ -289,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{node}:", flush=True)
         results.append(compare(node, loops, args, device, flops))
     print_table(results, peaks)
+    print_round(results, cfg)
     return 0  # a measurement: the numbers are the result, never the exit code
 
 

@@ -167,7 +167,7 @@ class Client:
         ids = self.labels.encode(y.to(self.device))
 
         def eps_fn(x, t):
-            with self.learner.autocast():
+            with self.learner.forward_mode():
                 return predict_eps(model, x, t, ids, self.labels.null_id, sp.guidance_scale).float()
 
         bar = tqdm(total=len(steps), desc=f"{self.node_id} steps", leave=False, disable=not self.show_progress)

@@ -7,12 +7,14 @@ loop, run the same optimizer code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import TrainConfig
 
@@ -49,7 +51,8 @@ class Learner:
         self.cfg = cfg
         self.rng = rng
         self.sample_rng = sample_rng
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        # fused: one kernel for the whole update, the same Adam (2-6% of a bf16 step; benchmarks/precision_variants.py)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
         # None keeps the constant learning rate of runs from before the option (no scheduler state to save).
         self.lr_scheduler = None
         if cfg.lr_schedule != "constant" or cfg.lr_warmup_steps:
@@ -61,9 +64,19 @@ class Learner:
         self._ema_model: torch.nn.Module | None = None
         self.precision = resolve_precision(cfg.precision, self.device)
 
-    def autocast(self):
-        """The forward passes' precision: bf16 autocast (fp32 weights; matmuls and convolutions in bf16) or none."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def forward_mode(self) -> contextlib.ExitStack:
+        """How the forward passes (training and sampling) run: bf16 autocast (fp32 weights; matmuls and convolutions
+        in bf16) or none, and on the CPU attention through the math kernel.
+
+        Why the math kernel: the UNet's only attention is its mid-block, over 7x7 = 49 tokens. For so few tokens the
+        CPU flash-attention kernel's backward cost 37 ms of a 240 ms bf16 server step; two batched matmuls and a
+        softmax make the step 1.15x faster (benchmarks/precision_variants.py, results/precision/). On CUDA the
+        default kernel choice stays."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"))
+        if self.device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     # -- randomness: always drawn on the CPU stream, then moved, so every device sees the same numbers ----------------
     def randn(self, shape) -> torch.Tensor:
@@ -77,7 +90,7 @@ class Learner:
         """One optimizer step on ||model(x_t, t, ids) - target||^2 (Ho et al. 2020, Algorithm 1), each sample's
         squared error times ``weights`` [B] when given."""
         self.model.train()
-        with self.autocast():
+        with self.forward_mode():
             pred = self.model(x_t, t_index, class_labels=ids).sample
         if weights is None:
             loss = F.mse_loss(pred.float(), target)  # the loss and everything after it in fp32

@@ -128,7 +128,7 @@ class Server:
         scale = {t: float(self.schedule.server_eps_scale(t + 1, self.cut)) for t in steps}  # diffusers t = protocol t-1
 
         def eps_fn(x_t, t):
-            with self.learner.autocast():
+            with self.learner.forward_mode():
                 eps = predict_eps(model, x_t, t, ids, self.labels.null_id, sp.guidance_scale)
             return scale[t] * eps.float()
 
