@@ -178,6 +178,29 @@ def test_fresh_upload_noise_is_off_by_default_and_sends_one_view_per_round_when_
     assert tiny_config().identity_hash() != cfg.identity_hash()
 
 
+def test_upload_clip_norm_clips_only_what_is_uploaded():
+    """With split.upload_clip_norm = C the upload noises x0 * min(1, C / ||x0||) (written out here), with the same
+    noise as without: u_clip - u = sqrt(abar_s) (clip(x0) - x0). The client's own training images stay unclipped."""
+    clip = 3.0
+    plain_cfg = tiny_config(split={"cut": 6})
+    clip_cfg = tiny_config(split={"cut": 6, "upload_clip_norm": clip})
+    data = synthetic_clients(plain_cfg, n=16)
+    plain, clipped = (Federation(c, data, secrets=fixed_secrets(2)) for c in (plain_cfg, clip_cfg))
+    abar = float(plain.server.schedule.alpha_bar[6])
+    for a, b in zip(plain.clients, clipped.clients):
+        x0 = a.data.train_x
+        norms = x0.flatten(1).norm(dim=1)
+        assert (norms > clip).all()  # the synthetic images are far larger than C: every one is clipped
+        by_hand = x0 * torch.minimum(torch.ones_like(norms), clip / norms)[:, None, None, None]
+        assert torch.allclose(b.upload()[0] - a.upload()[0], abar ** 0.5 * (by_hand - x0), atol=1e-5)
+        assert torch.equal(b.data.train_x, x0)  # the client's model trains on its real images
+    assert plain_cfg.identity_hash() != clip_cfg.identity_hash()
+    assert clip_cfg.to_dict()["split"]["upload_clip_norm"] == clip  # public: the server knows C
+    with pytest.raises(ConfigError, match=r"split.upload_clip_norm = -1.0 is invalid \(allowed: a number > 0, or "
+                                          r"unset for no clipping\)"):
+        tiny_config(split={"cut": 6, "upload_clip_norm": -1.0})
+
+
 # -- the server as an attacker -----------------------------------------------------------------------------------------
 def _bound_and_attacks(cfg, data, run_dir, uploads):
     """Posterior-mean PSNR bound (closed form for the i.i.d. uniform pixels of ``synthetic_clients``) and the PSNR

@@ -71,6 +71,10 @@ def test_tiny_sweep_end_to_end_and_resume(sweep_toml, tmp_path, capsys):
     assert metrics["hypotheses"]["H3"]["holds"] is True  # client sampling FLOPs grow with the cut, exactly
     ev = json.loads((out / "cut_0006" / "evaluation.json").read_text())
     assert ev["disclosure"]["client0"]["results"]["linkage"]["pool_size"] == 40
+    formal = ev["disclosure"]["client0"]["formal"]  # the upload's (epsilon, delta), delta = 1 / (train images)
+    assert formal["views"] == 1 and formal["sensitivity"] == 56.0 and formal["epsilon"] > 0
+    n_train = 1 / formal["delta"]
+    assert n_train == pytest.approx(round(n_train)) and 8 <= round(n_train) <= 48  # max_train_per_client = 48
     # The exact-seed attack runs on every client and fails on every one: the report says "0/2" recovered.
     assert all(not ev["disclosure"][c]["results"]["reconstruction_exact_seed"]["recovered"]
                for c in ("client0", "client1"))

@@ -10,6 +10,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .accounting import clip_images
 from .config import Config
 from .data import ClientData
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
@@ -76,7 +77,8 @@ class Client:
 
     # -- training -----------------------------------------------------------------------------------------------------
     def upload(self, round_: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the client's secret.
+        """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the client's secret
+        (x0_i first scaled to L2 norm <= C with ``split.upload_clip_norm``: collafuse.accounting).
 
         Computed once and cached; recomputing from the same seed gives the same bytes, so a repeated upload
         (e.g. after a server restart) tells the server nothing new. Only with ``split.fresh_upload_noise`` does
@@ -86,7 +88,10 @@ class Client:
         if self._upload is None or self._upload[0] != view:
             rng = self._secret.generator("upload", view)
             eps = torch.randn(self.data.train_x.shape, generator=rng)
-            u = self.schedule.noise(self.data.train_x, eps, self.cut)
+            x0 = self.data.train_x
+            if self.cfg.split.upload_clip_norm is not None:  # only the upload: the client's own model sees x0
+                x0 = clip_images(x0, self.cfg.split.upload_clip_norm)
+            u = self.schedule.noise(x0, eps, self.cut)
             self._upload = (view, u.contiguous(), self.data.train_y.clone())
         return self._upload[1], self._upload[2]
 

@@ -82,6 +82,10 @@ class SplitConfig:
     # Re-draw each image's cut noise every round: more training diversity for the server, but K rounds hand it K
     # independent views whose average has noise std sqrt((1 - abar_s) / K): less privacy (split-protocol.md). Off.
     fresh_upload_noise: bool = False
+    # Scale each image down to L2 norm <= C (model range [-1, 1]) before it is noised for the upload, so that the
+    # upload is a Gaussian mechanism with sensitivity 2C instead of the image domain's diameter (local DP, as PFDM,
+    # arXiv 2504.00952; collafuse.accounting). The client's own model still trains on the unclipped images. None: off.
+    upload_clip_norm: float | None = None
     # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
     max_upload_images: int = 100_000
 
@@ -225,6 +229,8 @@ class Config:
         ident["split"] = {"cut": self.cut}
         if self.split.fresh_upload_noise:  # only when on, so runs from before the option keep their hash
             ident["split"]["fresh_upload_noise"] = True
+        if self.split.upload_clip_norm is not None:  # the same: the server trains on what was uploaded
+            ident["split"]["upload_clip_norm"] = self.split.upload_clip_norm
         ident["seeds"].pop("sample")  # sampling noise may change between sampling runs of one trained model
         for key in ("batch_size", "cond_drop_prob"):
             ident[f"train.{key}"] = getattr(self.train, key)
@@ -238,6 +244,8 @@ class Config:
         # resolved: a ratio is written as the step it resolved to
         out["split"] = {"cut": self.cut, "fresh_upload_noise": self.split.fresh_upload_noise,
                         "max_upload_images": self.split.max_upload_images}
+        if self.split.upload_clip_norm is not None:
+            out["split"]["upload_clip_norm"] = self.split.upload_clip_norm
         return out
 
     def to_toml(self) -> str:
@@ -465,6 +473,8 @@ def validate(cfg: Config) -> None:
     _require(all(isinstance(c, int) and 0 <= c < n_classes for c in sp.shared_labels), "sample.shared_labels",
              sp.shared_labels, f"a list of class ids in [0, {n_classes - 1}]")
     _require(s.max_upload_images >= 1, "split.max_upload_images", s.max_upload_images, "an integer >= 1")
+    _require(s.upload_clip_norm is None or (isinstance(s.upload_clip_norm, (int, float)) and s.upload_clip_norm > 0),
+             "split.upload_clip_norm", s.upload_clip_norm, "a number > 0, or unset for no clipping")
     _require(cfg.run.threads >= 0, "run.threads", cfg.run.threads, "an integer >= 0")
     ev = cfg.eval
     for key in ("n_samples", "disclosure_n", "distractors"):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from .accounting import clip_images
 from .models import predict_eps
 from .seeding import generator as shared_generator
 
@@ -595,6 +596,7 @@ def disclosure_report(
     node_id: str | None = None,
     shared_seeds: Sequence[int] = (),
     all_uploads: torch.Tensor | None = None,
+    clip_norm: float | None = None,
 ) -> dict:
     """Everything an honest-but-curious server could learn about one client's training images, as plain numbers.
 
@@ -640,6 +642,8 @@ def disclosure_report(
         shared_seeds (`Sequence[int]`): the ``[seeds]`` values of the shared config, for the exact-seed attack.
         all_uploads (`torch.Tensor`, *optional*): the client's whole upload when ``uploads`` is its first N rows
             (a noise stream can only be replayed over the whole upload); defaults to ``uploads``.
+        clip_norm (`float`, *optional*): ``split.upload_clip_norm`` (public in the config): linkage then scores each
+            candidate as the client would have uploaded it, clipped to this norm.
 
     Returns:
         `dict`: ``{"abar_s", "n", "pool_size", "results": {name: record}}``, JSON-able (no NaN for N >= 2).
@@ -656,10 +660,11 @@ def disclosure_report(
     truth = torch.arange(n)
     results: dict[str, dict] = {}
 
-    results["linkage"] = linkage_attack(uploads, abar_s, pool, truth)
+    scored_pool = pool if clip_norm is None else clip_images(pool, clip_norm)
+    results["linkage"] = linkage_attack(uploads, abar_s, scored_pool, truth)
     if labels is not None and (distractors is None or distractor_labels is not None):
         pool_labels = labels if distractors is None else torch.cat([labels, distractor_labels])
-        results["linkage_same_label"] = linkage_attack(uploads, abar_s, pool, truth, labels, pool_labels)
+        results["linkage_same_label"] = linkage_attack(uploads, abar_s, scored_pool, truth, labels, pool_labels)
 
     prior = score_reconstruction(x0.mean(0, keepdim=True).expand_as(x0), x0, psnr_cap)
 

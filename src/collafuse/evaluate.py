@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .accounting import upload_privacy
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting
@@ -129,7 +130,11 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
             x_cut=samples[c.index]["x_cut"], x_cut_labels=samples[c.index]["y"],
             generator=generator(cfg.seeds.sample, "disclosure", c.index),
             node_id=c.node_id, shared_seeds=list(dataclasses.asdict(cfg.seeds).values()), all_uploads=uploads,
+            clip_norm=cfg.split.upload_clip_norm,
         )
+        # The formal guarantee of the same upload: per image, delta = 1 / (this client's training images).
+        out[c.node_id]["formal"] = upload_privacy(abar, int(c.data.train_x[0].numel()), len(c.data.train_x), views,
+                                                  cfg.split.upload_clip_norm)
     return out
 
 

@@ -56,6 +56,8 @@ def summarize(evaluation: dict) -> dict:
             # None for evaluations from before the attack existed
             "psnr_exact_seed": _get(res, "reconstruction_exact_seed", "psnr"),
             "exact_seed_recovered": _get(res, "reconstruction_exact_seed", "recovered"),
+            # the upload's formal per-image epsilon (None at cut 0, and for evaluations from before the account)
+            "epsilon": _get(dis, c, "formal", "epsilon"),
         }
         sampling = _get(comm, "per_client", c, "sampling", default={})
         row["communication"][c] = {
