@@ -129,3 +129,34 @@ def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml
     calls.clear()  # (the run samples its own report images)
     samples()
     assert len(calls) == 1
+
+
+def test_seeded_sweep_end_to_end_with_intervals_and_resume(sweep_toml, tmp_path, capsys):
+    out = tmp_path / "seeded"
+    argv = ["sweep", str(sweep_toml), "--cuts", f"6,{T}", "--seeds", "0,1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "report:" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and set(metrics["per_cut"]) == {"6", str(T)}
+    fid = metrics["per_cut"]["6"]["fid_test"]["client0"]
+    assert fid["n"] == 2 and fid["low"] < fid["mean"] < fid["high"]
+    per_seed = [json.loads((out / f"seed_{s}" / "cut_0006" / "evaluation.json").read_text()) for s in (0, 1)]
+    assert per_seed[0]["fidelity"] != per_seed[1]["fidelity"]  # the seeds really differ...
+    secrets = [(out / f"seed_{s}" / "client-secrets.toml").read_text() for s in (0, 1)]
+    assert secrets[0] != secrets[1]  # ...their clients too (own secrets per seed)
+    assert {metrics["hypotheses"][h]["verdict"] for h in ("H1", "H2", "H3")} <= {"held", "refuted", "not resolved"}
+    assert (out / "fidelity_fid.png").is_file() and "fidelity_fid.png" in (out / "report.md").read_text()
+    before = {p: p.read_bytes() for p in out.glob("seed_*/cut_*/evaluation.json")}
+    assert main(argv) == 0  # resume: nothing trained or evaluated again
+    assert {p: p.read_bytes() for p in out.glob("seed_*/cut_*/evaluation.json")} == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seeds", "a"], "--seeds = 'a' is invalid"),
+    (["--seeds", "-1"], "--seeds = '-1' is invalid"),
+    (["--vary-partition"], "--vary-partition is invalid without --seeds"),
+])
+def test_bad_seed_arguments_are_one_line_errors(sweep_toml, tmp_path, capsys, argv, needle):
+    assert main(["sweep", str(sweep_toml), "--cuts", "6", "--out", str(tmp_path / "x"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1

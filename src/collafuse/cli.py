@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="config overrides for every run, e.g. --set train.rounds=40")
     sw.add_argument("--device", help="torch device, overrides run.device")
     sw.add_argument("--client-secrets", metavar="FILE", help="explicit client secrets for every run (see run)")
+    sw.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the sweep once per seed (DIR/seed_K), then "
+                                    "mean and 95%% interval over seeds")
+    sw.add_argument("--vary-partition", action="store_true", help="with --seeds, also re-draw the data partition")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
@@ -170,16 +173,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import parse_cuts, run_sweep
+    from .sweep import parse_cuts, parse_seeds, run_sweep
 
     overrides = _with_device(args.overrides, args.device)
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    if args.vary_partition and seeds is None:
+        raise ConfigError("--vary-partition is invalid without --seeds (allowed: with --seeds 0,1,...)")
     try:
         report = run_sweep(args.config, parse_cuts(args.cuts), Path(args.out), overrides, progress=not args.quiet,
                            command="collafuse " + shlex.join(args.argv),
-                           secrets=_secrets(args))
+                           secrets=_secrets(args), seeds=seeds, vary_partition=args.vary_partition)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the same command resumes: collafuse sweep {args.config} --cuts {args.cuts} "
-              f"--out {args.out}", file=sys.stderr)
+        print(f"\ninterrupted; the same command resumes: collafuse {shlex.join(args.argv)}", file=sys.stderr)
         return 130
     print(f"report: {report}")
     return 0

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint, write_text_atomic
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .evaluate import evaluate_run
 from .experiment import run_experiment
 
@@ -39,16 +39,62 @@ def _evaluated(run_dir: Path) -> bool:
     return path.is_file() and ckpt is not None and json.loads(path.read_text()).get("checkpoint") == ckpt.name
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        raise ConfigError(f"--seeds = {text!r} is invalid (expected comma-separated integers >= 0, e.g. 0,1,2)"
+                          ) from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds = {text!r} is invalid (expected comma-separated integers >= 0, e.g. 0,1,2)")
+    return seeds
+
+
+# Seed k moves every shared seed by k * SEED_STRIDE, far from the small integers configs use.
+SEED_STRIDE = 1000
+
+
+def seed_overrides(base: Config, seed: int, vary_partition: bool = False) -> list[str]:
+    """Config overrides for seed ``seed``: the server's model init, training noise and sampling noise move (and the
+    partition with ``vary_partition``); seed 0 is the config as written. The clients' streams move with their
+    secrets, one file per seed (`run_sweep`)."""
+    keys = ["init", "noise", "sample"] + (["data"] if vary_partition else [])
+    return [f"seeds.{k}={getattr(base.seeds, k) + SEED_STRIDE * seed}" for k in keys]
+
+
 def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[str] | tuple[str, ...] = (),
-              progress: bool = True, command: str = "", secrets: dict | None = None) -> Path:
+              progress: bool = True, command: str = "", secrets: dict | None = None,
+              seeds: list[int] | None = None, vary_partition: bool = False) -> Path:
     """Train and evaluate one run per cut under ``out/cut_NNNN``, then write ``out/report.md`` and
     ``out/metrics.json``; returns the report path. ``secrets``: explicit client secrets for every run (see
-    ``run_experiment``); by default each run's clients draw their own."""
+    ``run_experiment``); by default each run's clients draw their own.
+
+    With ``seeds``: one such sweep per seed under ``out/seed_K/``, every cut of a seed with the same client secrets
+    (``out/seed_K/client-secrets.toml``, drawn from OS entropy once: the sweep plays every client, so it holds
+    their secrets; never hand that file to a server), then the summary over seeds in ``out/`` (`seed_summary`)."""
     from .sweep_report import write_sweep_report
 
     base = load_config(config, overrides)
     parse_cuts(",".join(map(str, cuts)), base.diffusion.timesteps)
     out.mkdir(parents=True, exist_ok=True)
+    if seeds is not None:
+        if secrets is not None:
+            raise ConfigError("--client-secrets and --seeds exclude each other (with --seeds each seed's clients "
+                              "get secrets of their own, DIR/seed_K/client-secrets.toml)")
+        from .seed_summary import write_seed_summary
+        from .seeding import read_secrets_file, write_secrets_file
+
+        runs_by_seed = {}
+        for seed in seeds:
+            seed_dir = out / f"seed_{seed}"
+            path = seed_dir / "client-secrets.toml"
+            seed_secrets = read_secrets_file(path) if path.exists() else write_secrets_file(
+                path, base.data.num_clients)
+            extra = [*overrides, *seed_overrides(base, seed, vary_partition)]
+            run_sweep(config, cuts, seed_dir, extra, progress, f"{command} (seed {seed})", seed_secrets)
+            runs_by_seed[seed] = {cut: seed_dir / f"cut_{cut:04d}" for cut in cuts}
+        write_text_atomic(out / "COMMAND", (command or f"run_sweep({config!s}, {cuts}, seeds={seeds})") + "\n")
+        return write_seed_summary(runs_by_seed, out, base.diffusion.timesteps, command)
     runs = {}
     for cut in cuts:
         cfg = load_config(config, [*overrides, f"split.cut={cut}"])

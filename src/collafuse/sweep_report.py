@@ -122,6 +122,16 @@ def hypotheses(rows: list[dict], timesteps: int) -> dict:
     return out
 
 
+def mark_baselines(ax, timesteps: int) -> None:
+    """The cut axis of every sweep plot: GM (cut 0) and ICM (cut T) marked."""
+    ax.axvline(0, color="grey", ls=":", lw=1)
+    ax.axvline(timesteps, color="grey", ls="--", lw=1)
+    ax.text(0, 1.01, " GM (cut 0)", transform=ax.get_xaxis_transform(), fontsize=7, color="grey")
+    ax.text(timesteps, 1.01, f"ICM (cut {timesteps}) ", transform=ax.get_xaxis_transform(), fontsize=7,
+            color="grey", ha="right")
+    ax.set_xlabel("cut point t_zeta (client owns steps 1..t_zeta)")
+
+
 def _plot(rows: list[dict], timesteps: int, path: Path, title: str, ylabel: str, series: dict[str, list],
           log: bool = False) -> Path:
     import matplotlib
@@ -135,12 +145,7 @@ def _plot(rows: list[dict], timesteps: int, path: Path, title: str, ylabel: str,
         pts = [(c, y) for c, y in zip(cuts, ys) if y is not None and not (isinstance(y, float) and math.isnan(y))]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
-    ax.axvline(0, color="grey", ls=":", lw=1)
-    ax.axvline(timesteps, color="grey", ls="--", lw=1)
-    ax.text(0, 1.01, " GM (cut 0)", transform=ax.get_xaxis_transform(), fontsize=7, color="grey")
-    ax.text(timesteps, 1.01, f"ICM (cut {timesteps}) ", transform=ax.get_xaxis_transform(), fontsize=7,
-            color="grey", ha="right")
-    ax.set_xlabel("cut point t_zeta (client owns steps 1..t_zeta)")
+    mark_baselines(ax, timesteps)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     if log:
