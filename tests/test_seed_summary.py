@@ -17,7 +17,7 @@ def test_interval_is_the_student_t_interval():
 
 
 def _row(cut, fid, linkage, psnr):
-    dis = None if cut == T else {"client0": {"linkage_top1": linkage, "psnr_rescale": psnr, "epsilon": 1.0}}
+    dis = None if cut == T else {"client0": {"linkage_top1": linkage, "psnr_best": psnr, "epsilon": 1.0}}
     return {"cut": cut, "fidelity": {"client0": {"fid_test": fid, "kid_test": fid / 1000}}, "disclosure": dis,
             "compute": {"client_sample_flops_per_image": cut, "client_train_flops": 1, "client_train_seconds": 1}}
 

@@ -20,7 +20,7 @@ T = TINY["diffusion"]["timesteps"]
 
 
 def _row(cut, kid, link, psnr, flops):
-    dis = None if cut == T else {"linkage_top1": link, "psnr_rescale": psnr}
+    dis = None if cut == T else {"linkage_top1": link, "psnr_best": psnr}
     return {"cut": cut, "fidelity": {"client0": {"kid_test": kid}}, "disclosure": {"client0": dis},
             "compute": {"client_sample_flops_per_image": flops, "client_train_flops": 1 if cut else 0,
                         "client_train_seconds": None}}
@@ -33,7 +33,7 @@ def test_hypotheses_are_judged_from_the_numbers():
     assert v["H2"]["holds"] and v["H3"]["holds"]
     rows[1]["fidelity"]["client0"]["kid_test"] = 0.09
     rows[0]["fidelity"]["client0"]["kid_test"] = 0.10
-    rows[1]["disclosure"]["client0"]["psnr_rescale"] = 50.0
+    rows[1]["disclosure"]["client0"]["psnr_best"] = 50.0
     v = hypotheses(rows, T)
     assert v["H1"]["holds"] is False and v["H2"]["holds"] is False
     assert hypotheses(rows[:1], T)["H1"]["holds"] is None  # no ICM baseline: not testable
@@ -71,6 +71,8 @@ def test_tiny_sweep_end_to_end_and_resume(sweep_toml, tmp_path, capsys):
     assert metrics["hypotheses"]["H3"]["holds"] is True  # client sampling FLOPs grow with the cut, exactly
     ev = json.loads((out / "cut_0006" / "evaluation.json").read_text())
     assert ev["disclosure"]["client0"]["results"]["linkage"]["pool_size"] == 40
+    agreement = ev["fidelity"]["per_client"]["client0"]["label_mix"]["label_agreement"]  # vs the requested labels
+    assert 0.0 <= agreement <= 1.0
     formal = ev["disclosure"]["client0"]["formal"]  # the upload's (epsilon, delta), delta = 1 / (train images)
     assert formal["views"] == 1 and formal["sensitivity"] == 56.0 and formal["epsilon"] > 0
     n_train = 1 / formal["delta"]

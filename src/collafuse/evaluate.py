@@ -98,7 +98,10 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
         per_client[c.node_id] = {
             "vs_train": fid_kid(train_x, fake, extractor),
             "vs_test": fid_kid(test_x, fake, extractor) if len(test_x) > 1 else None,
-            "label_mix": compare_label_mix(fake, classifier, c.data.train_y, cfg.num_classes),
+            # requested: the labels the samples were drawn for, so a right histogram of wrong labels shows
+            "label_mix": compare_label_mix(fake, classifier, c.data.train_y, cfg.num_classes,
+                                           requested=samples[c.index]["y"] if cfg.client_model.condition_on_class
+                                           else None),
         }
         all_fake.append(fake)
         all_real.append(test_x if len(test_x) > 1 else train_x)

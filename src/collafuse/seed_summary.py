@@ -9,9 +9,9 @@ Verdicts, each "held", "refuted" or "not resolved" (at this budget and this many
 
 - H1 (collaboration beats independent client models): per client, held if some cut < T has its FID interval wholly
   below the interval at cut T, refuted if every cut < T has its interval wholly above it;
-- H2 (disclosure falls as the cut grows): for linkage top-1 and rescaling PSNR (mean over clients) among the cuts
-  that upload, held if each cut's interval lies wholly below the previous cut's (a strict fall beyond the
-  intervals), refuted if some cut's lies wholly above the previous one's;
+- H2 (disclosure falls as the cut grows): for linkage top-1 and the strongest reconstruction attack's PSNR (mean
+  over clients) among the cuts that upload, held if each cut's interval lies wholly below the previous cut's (a
+  strict fall beyond the intervals), refuted if some cut's lies wholly above the previous one's;
 - H3 (client compute falls as the cut shrinks): client FLOPs per generated image are exact, the same for every
   seed, so H3 is the single-seed verdict.
 """
@@ -69,7 +69,7 @@ def judge(rows_by_seed: dict[int, list[dict]], timesteps: int) -> tuple[dict, di
             entry["fid_test"][c] = over_seeds(cut, lambda r, c=c: r["fidelity"][c]["fid_test"])
             entry["kid_test"][c] = over_seeds(cut, lambda r, c=c: r["fidelity"][c]["kid_test"])
         if cut < timesteps:
-            for metric in ("linkage_top1", "psnr_rescale"):
+            for metric in ("linkage_top1", "psnr_best"):
                 entry[metric] = over_seeds(cut, mean_disclosure(metric))
             entry["epsilon"] = over_seeds(cut, lambda r: next(iter(r["disclosure"].values()))["epsilon"])
         per_cut[cut] = entry
@@ -87,7 +87,7 @@ def judge(rows_by_seed: dict[int, list[dict]], timesteps: int) -> tuple[dict, di
         verdicts["H1"] = {"verdict": "not resolved", "why": f"needs cut = T = {timesteps} and another cut"}
     uploading = [k for k in cuts if k < timesteps]
     h2 = {}
-    for metric in ("linkage_top1", "psnr_rescale"):
+    for metric in ("linkage_top1", "psnr_best"):
         steps = list(zip(uploading, uploading[1:]))
         falls = [_below(per_cut[b][metric], per_cut[a][metric]) for a, b in steps]
         rises = [_below(per_cut[a][metric], per_cut[b][metric]) for a, b in steps]
@@ -127,10 +127,11 @@ def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, time
     lines = [f"# Cut sweep over {len(runs_by_seed)} seeds", "", f"    {command}", "",
              f"Mean ± 95% half-interval (Student t) over seeds {sorted(runs_by_seed)}; each seed's own report is in "
              "seed_K/report.md.", "", f"![FID against the cut]({plot.name})", "",
-             "| cut | " + " | ".join(f"FID {c}" for c in clients) + " | linkage top-1 | PSNR rescale (dB) | ε |",
+             "| cut | " + " | ".join(f"FID {c}" for c in clients)
+             + " | linkage top-1 | PSNR, strongest attack (dB) | ε |",
              "|---" * (len(clients) + 4) + "|"]
     for cut, e in sorted(per_cut.items()):
-        dis = [cell(e[m]) if m in e else "nothing uploaded" for m in ("linkage_top1", "psnr_rescale", "epsilon")]
+        dis = [cell(e[m]) if m in e else "nothing uploaded" for m in ("linkage_top1", "psnr_best", "epsilon")]
         lines.append(f"| {cut} | " + " | ".join(cell(e["fid_test"][c]) for c in clients) + " | " + " | ".join(dis)
                      + " |")
     lines += ["", "| claim | verdict | detail |", "|---|---|---|"]
