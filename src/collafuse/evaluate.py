@@ -81,7 +81,9 @@ def sample_fids(fed: Federation, n: int, extractor, *stream: object, n_real: int
     return fids, seconds
 
 
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def real_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n of the images (all when n = 0 or n >= len), drawn without replacement by ``seed``: evaluation's real sets
+    (seed = client index for train images, 100 + index for held-out images, 200 + index for distractors)."""
     if n == 0 or n >= len(x):
         return x, y
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
@@ -93,8 +95,8 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
     per_client, all_fake, all_real = {}, [], []
     for c in fed.clients:
         fake = samples[c.index]["x0"]
-        train_x, train_y = _subset(c.data.train_x, c.data.train_y, cfg.eval.n_real, seed=c.index)
-        test_x, test_y = _subset(c.data.test_x, c.data.test_y, cfg.eval.n_real, seed=100 + c.index)
+        train_x, train_y = real_subset(c.data.train_x, c.data.train_y, cfg.eval.n_real, seed=c.index)
+        test_x, test_y = real_subset(c.data.test_x, c.data.test_y, cfg.eval.n_real, seed=100 + c.index)
         per_client[c.node_id] = {
             "vs_train": fid_kid(train_x, fake, extractor),
             "vs_test": fid_kid(test_x, fake, extractor) if len(test_x) > 1 else None,
@@ -126,7 +128,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
         others = [d for d in fed.clients if d is not c]
         pool_x = torch.cat([c.data.test_x, *[d.data.train_x for d in others], *[d.data.test_x for d in others]])
         pool_y = torch.cat([c.data.test_y, *[d.data.train_y for d in others], *[d.data.test_y for d in others]])
-        pool_x, pool_y = _subset(pool_x, pool_y, max(0, cfg.eval.distractors - n), seed=200 + c.index)
+        pool_x, pool_y = real_subset(pool_x, pool_y, max(0, cfg.eval.distractors - n), seed=200 + c.index)
         out[c.node_id] = disclosure_report(
             c.data.train_x[:n], uploads[:n], abar, labels=labels[:n], server=server, client=c.index,
             distractors=pool_x, distractor_labels=pool_y, ks=ks,
