@@ -44,6 +44,7 @@ def main() -> int:
         T = metrics["timesteps"]
         label = label or Path(path).name
         color = f"C{k}"
+        first_cut = min(int(c) for c in metrics["per_cut"] if 0 < int(c) < T)  # the point that carries the label
         for cut_text, e in sorted(metrics["per_cut"].items(), key=lambda kv: int(kv[0])):
             cut = int(cut_text)
             fid, fid_err = mean_over_clients(e, "fid_test")
@@ -61,7 +62,7 @@ def main() -> int:
                 if x is None or (isinstance(x, float) and math.isnan(x)):
                     continue
                 ax.errorbar(x, fid, yerr=fid_err, xerr=x_err, fmt="o", color=color, ms=4, capsize=2,
-                            label=label if cut == min(int(c) for c in metrics["per_cut"] if 0 < int(c) < T) else None)
+                            label=label if cut == first_cut else None)
                 ax.annotate(str(cut), (x, fid), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
     ax_eps.set_xscale("log")
     ax_eps.set_xlabel("upload's per-image ε (δ = 1/training images; log scale)")
