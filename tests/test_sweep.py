@@ -102,6 +102,25 @@ def test_evaluate_errors(sweep_toml, tmp_path, capsys):
     assert "eval.extractor = 'clip' is invalid" in capsys.readouterr().err
 
 
+def test_second_evaluation_goes_to_its_own_file(sweep_toml, tmp_path, capsys):
+    """``evaluate --output NAME`` writes RUN_DIR/NAME and leaves the sweep's evaluation.json byte for byte;
+    a name that is not a plain .json file name is refused with one line naming it."""
+    run = tmp_path / "run"
+    assert main(["run", str(sweep_toml), "--out", str(run), "--quiet", "--set", "train.rounds=1"]) == 0
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    before = (run / "evaluation.json").read_bytes()
+    assert main(["evaluate", str(run), "--quiet", "--set", "sample.sampler=ddpm",
+                 "--output", "evaluation-ddpm.json"]) == 0
+    assert (run / "evaluation.json").read_bytes() == before
+    assert json.loads((run / "evaluation-ddpm.json").read_text())["rounds"] == 1
+    capsys.readouterr()
+    for bad in ("../evaluation.json", "sub/e.json", "evaluation.txt", ".json"):
+        assert main(["evaluate", str(run), "--quiet", "--output", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"evaluate --output: {bad!r} is not allowed" in err and err.count("\n") == 1
+    assert sorted(p.name for p in run.glob("*.json")) == ["evaluation-ddpm.json", "evaluation.json", "metrics.json"]
+
+
 def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml, tmp_path, monkeypatch):
     """A sampler override after an evaluation samples again instead of scoring the cached samples; the same
     settings reuse the cache; a newer checkpoint samples again."""

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="evaluation overrides, e.g. --set eval.n_samples=1000 --set eval.extractor=inception")
     ev.add_argument("--device", help="torch device, overrides run.device")
+    ev.add_argument("--output", default="evaluation.json", metavar="NAME",
+                    help="file name inside RUN_DIR (default: %(default)s), e.g. evaluation-inception.json for a "
+                         "second extractor, so the sweep's evaluation.json is kept")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sw = sub.add_parser("sweep", help="one run per cut point, each evaluated, and one report")
@@ -166,8 +169,9 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
     run_dir = Path(args.run_dir)
-    result = evaluate_run(run_dir, _with_device(args.overrides, args.device), progress=not args.quiet)
-    print(f"wrote {run_dir}/evaluation.json (cut {result['cut']}, {result['n_samples_per_client']} samples per "
+    result = evaluate_run(run_dir, _with_device(args.overrides, args.device), progress=not args.quiet,
+                          output=args.output)
+    print(f"wrote {run_dir}/{args.output} (cut {result['cut']}, {result['n_samples_per_client']} samples per "
           f"client, extractor {result['extractor']['name']})")
     return 0
 

@@ -188,9 +188,23 @@ def classifier_arrays(cfg: Config) -> dict | None:
             "test_y": test.labels}
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
-    """Evaluate a trained run and write ``RUN_DIR/evaluation.json``; returns the same dict."""
+def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
+                 output: str = "evaluation.json") -> dict:
+    """Evaluate a trained run and write ``RUN_DIR/OUTPUT``; returns the same dict.
+
+    Args:
+        run_dir (`Path`): a directory written by ``collafuse run``.
+        overrides (`list[str]`, defaults to `()`): ``KEY=VALUE`` settings for this evaluation (``eval.*``,
+            ``sample.*``, ``run.device``).
+        progress (`bool`, defaults to `True`): progress bars.
+        output (`str`, defaults to ``"evaluation.json"``): the file name inside ``run_dir``. A second evaluation
+            under other settings (``--set eval.extractor=inception``, ``--set sample.sampler=ddpm``) goes to its
+            own file, so it never replaces the one ``sweep`` reads.
+    """
     run_dir = Path(run_dir)
+    if not output.endswith(".json") or Path(output).name != output or output.startswith("."):
+        raise ConfigError(f"evaluate --output: {output!r} is not allowed; give a plain file name ending in .json "
+                          "(it is written inside the run directory)")
     fed = load_run(run_dir, overrides)
     cfg: Config = fed.cfg
     fed.set_progress(progress)
@@ -222,5 +236,5 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
     log = run_dir / "message_log.jsonl"
     result["communication"] = communication_summary(log) if log.is_file() else None
     result["nodes"] = [SERVER, *(c.node_id for c in fed.clients)]
-    write_text_atomic(run_dir / "evaluation.json", json.dumps(result, indent=1, allow_nan=False))
+    write_text_atomic(run_dir / output, json.dumps(result, indent=1, allow_nan=False))
     return result

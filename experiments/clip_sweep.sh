@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Part 5 of issue 11: what a real guarantee costs. The seed sweep's recipe (configs/quality.toml at ROUNDS rounds,
+# 1,000 samples per client against 1,000 held-out images) with `split.upload_clip_norm = C`: each image is scaled to
+# L2 norm <= C before it is noised for the upload (sensitivity 2C instead of 56), the client's own model still trains
+# on the raw images. Paired with the unclipped sweep: every run reuses that sweep's client secrets for the seed
+# ($PAIRED/seed_K/client-secrets.toml), so model init, training noise and upload noise are the same draws and only
+# the clipping differs.
+#
+#   nohup experiments/clip_sweep.sh >> runs/clip-sweep.log 2>&1 &
+#
+# Resumable like seed_sweep.sh (each `collafuse sweep` skips what is done). Each finished run's small files go to
+# $RESULTS/clip_C/seed_K/cut_NNNN/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/clip-sweep}
+PAIRED=${PAIRED:-runs/seed-sweep-r100}
+RESULTS=${RESULTS:-results/fashion-mnist-seeds}
+ROUNDS=${ROUNDS:-100}
+SEED=${SEED:-0}
+RUNS=${RUNS:-"1:200 1:500 1:700 4:500 4:700"}  # C:cut pairs
+SET=(--set "train.rounds=$ROUNDS" --set eval.n_samples=1000 --set eval.n_real=1000)
+export HF_HUB_OFFLINE=1
+secrets="$PAIRED/seed_$SEED/client-secrets.toml"
+[[ -f "$secrets" ]] || { echo "clip_sweep: $secrets is missing (run experiments/seed_sweep.sh first)" >&2; exit 2; }
+for pair in $RUNS; do
+  clip=${pair%%:*} cut=${pair##*:}
+  sweep_dir="$OUT/clip_$clip"
+  mkdir -p "$sweep_dir/seed_$SEED"
+  [[ -f "$sweep_dir/seed_$SEED/client-secrets.toml" ]] || cp "$secrets" "$sweep_dir/seed_$SEED/client-secrets.toml"
+  .venv/bin/collafuse sweep configs/quality.toml --quiet --seeds "$SEED" --cuts "$cut" --out "$sweep_dir" \
+    "${SET[@]}" --set "split.upload_clip_norm=$clip"
+  run=$(printf "%s/seed_%s/cut_%04d" "$sweep_dir" "$SEED" "$cut")
+  dest=$(printf "%s/clip_%s/seed_%s/cut_%04d" "$RESULTS" "$clip" "$SEED" "$cut")
+  mkdir -p "$dest"
+  cp "$run"/evaluation.json "$run"/metrics.json "$run"/config.toml "$dest"/
+  cp "$run"/samples_client*.png "$run"/cut_client*.png "$dest"/ 2>/dev/null || true
+  echo "[clip_sweep] done: C $clip seed $SEED cut $cut -> $dest ($(date -u +%H:%M:%S))"
+done
