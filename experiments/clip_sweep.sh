@@ -36,3 +36,11 @@ for pair in $RUNS; do
   cp "$run"/samples_client*.png "$run"/cut_client*.png "$dest"/ 2>/dev/null || true
   echo "[clip_sweep] done: C $clip seed $SEED cut $cut -> $dest ($(date -u +%H:%M:%S))"
 done
+# One summary per C over all its cuts (the per-run calls above each summarised one cut); nothing is rerun.
+for clip in $(for pair in $RUNS; do echo "${pair%%:*}"; done | sort -un); do
+  cuts=$(for pair in $RUNS; do if [[ ${pair%%:*} == "$clip" ]]; then echo "${pair##*:}"; fi; done | paste -sd,)
+  .venv/bin/collafuse sweep configs/quality.toml --quiet --seeds "$SEED" --cuts "$cuts" --out "$OUT/clip_$clip" \
+    "${SET[@]}" --set "split.upload_clip_norm=$clip"
+  cp "$OUT/clip_$clip"/report.md "$OUT/clip_$clip"/metrics.json "$RESULTS/clip_$clip/"
+  echo "[clip_sweep] summary: $RESULTS/clip_$clip/report.md"
+done

@@ -32,4 +32,7 @@ for seed in ${SEEDS//,/ }; do
 done
 .venv/bin/collafuse sweep configs/quality.toml --quiet --seeds "$SEEDS" --cuts "$CUTS" --out "$OUT" "${SET[@]}"
 cp "$OUT"/report.md "$OUT"/metrics.json "$OUT"/fidelity_fid.png "$RESULTS"/
+for seed in ${SEEDS//,/ }; do  # each seed's own report over every cut, with its plots and Figure-4 grid
+  cp "$OUT/seed_$seed"/report.md "$OUT/seed_$seed"/metrics.json "$OUT/seed_$seed"/*.png "$RESULTS/seed_$seed"/
+done
 echo "[seed_sweep] summary: $RESULTS/report.md"

@@ -44,3 +44,27 @@ def test_clear_reversals_are_refuted():
     rows = _sweep({0: 80, 200: 70, T: 50}, {0: 0.2, 200: 0.9}, {0: 10, 200: 30}, jitter=[-1, 0, 1])
     _, v = judge(rows, T)
     assert v["H1"]["verdict"] == "refuted" and v["H2"]["verdict"] == "refuted"
+
+
+def test_a_saturated_metric_that_does_not_move_is_a_standstill_not_a_fall():
+    """Linkage at exactly 1.0 for every seed at cuts 0 and 200 (no spread): the data say it does not fall there,
+    so H2 is refuted for linkage, while the PSNR falls clearly and holds."""
+    rows = _sweep({0: 30, 200: 20, T: 50}, {0: 1.0, 200: 1.0}, {0: 40, 200: 20}, jitter=[0, 0, 0])
+    for seed, j in zip(rows, (-1, 0, 1)):  # spread in the PSNR only
+        for r in rows[seed]:
+            if r["disclosure"]:
+                r["disclosure"]["client0"]["psnr_best"] += j
+    _, v = judge(rows, T)
+    assert v["H2"]["per_metric"] == {"linkage_top1": "refuted", "psnr_best": "held"}
+    assert v["H2"]["steps"]["linkage_top1"] == [{"from": 0, "to": 200, "outcome": "flat"}]
+    assert v["H2"]["steps"]["psnr_best"] == [{"from": 0, "to": 200, "outcome": "falls"}]
+    assert v["H2"]["verdict"] == "refuted"
+
+
+def test_one_seed_has_no_intervals_so_nothing_is_resolved_but_h3():
+    rows = _sweep({0: 30, 200: 20, T: 50}, {0: 1.0, 200: 0.5}, {0: 40, 200: 20}, jitter=[0])
+    per_cut, v = judge(rows, T)
+    assert per_cut[200]["fid_test"]["client0"] == {"n": 1, "mean": 20, "half_width": None, "low": None, "high": None}
+    assert v["H1"]["verdict"] == "not resolved" and v["H2"]["verdict"] == "not resolved"
+    assert v["H2"]["steps"]["linkage_top1"][0]["outcome"] == "overlap"
+    assert v["H3"]["verdict"] == "held"

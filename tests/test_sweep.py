@@ -167,6 +167,13 @@ def test_seeded_sweep_end_to_end_with_intervals_and_resume(sweep_toml, tmp_path,
     assert secrets[0] != secrets[1]  # ...their clients too (own secrets per seed)
     assert {metrics["hypotheses"][h]["verdict"] for h in ("H1", "H2", "H3")} <= {"held", "refuted", "not resolved"}
     assert (out / "fidelity_fid.png").is_file() and "fidelity_fid.png" in (out / "report.md").read_text()
+    # The exact columns come from seed 0's evaluation: FLOPs per image as counted there, and one upload per client
+    # by hand: a float32 28x28 view and an int64 label per training image (n = 1/delta of the formal account).
+    exact = metrics["exact_per_cut"]["6"]
+    assert exact["client_flops_per_image"] == per_seed[0]["compute"]["flops"]["sampling_per_image"]["client"]["flops"]
+    n_train = [round(1 / per_seed[0]["disclosure"][c]["formal"]["delta"]) for c in ("client0", "client1")]
+    assert exact["upload_bytes_per_client"] == sum(n * (4 * 28 * 28 + 8) for n in n_train) / 2
+    assert metrics["exact_per_cut"][str(T)]["upload_bytes_per_client"] == 0
     before = {p: p.read_bytes() for p in out.glob("seed_*/cut_*/evaluation.json")}
     assert main(argv) == 0  # resume: nothing trained or evaluated again
     assert {p: p.read_bytes() for p in out.glob("seed_*/cut_*/evaluation.json")} == before

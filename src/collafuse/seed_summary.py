@@ -11,7 +11,9 @@ Verdicts, each "held", "refuted" or "not resolved" (at this budget and this many
   below the interval at cut T, refuted if every cut < T has its interval wholly above it;
 - H2 (disclosure falls as the cut grows): for linkage top-1 and the strongest reconstruction attack's PSNR (mean
   over clients) among the cuts that upload, held if each cut's interval lies wholly below the previous cut's (a
-  strict fall beyond the intervals), refuted if some cut's lies wholly above the previous one's;
+  strict fall beyond the intervals); refuted if some cut's lies wholly above the previous one's, or if both are
+  the same value with no spread over the seeds (a measured standstill, e.g. linkage saturated at 1.0: it does not
+  fall there); each step's outcome is kept (``steps``: falls, rises, flat or overlap);
 - H3 (client compute falls as the cut shrinks): client FLOPs per generated image are exact, the same for every
   seed, so H3 is the single-seed verdict.
 """
@@ -49,6 +51,18 @@ def _below(a: dict, b: dict) -> bool | None:
     return a["high"] < b["low"]
 
 
+def _step(a: dict, b: dict) -> str:
+    """From cut a's interval to the next cut b's: "falls" (b wholly below a), "rises" (wholly above), "flat" (one
+    value, no spread over two or more seeds: measured equal) or "overlap" (not resolved by these seeds)."""
+    if _below(b, a):
+        return "falls"
+    if _below(a, b):
+        return "rises"
+    if a["half_width"] == 0 and b["half_width"] == 0 and a["mean"] == b["mean"]:
+        return "flat"
+    return "overlap"
+
+
 def judge(rows_by_seed: dict[int, list[dict]], timesteps: int) -> tuple[dict, dict]:
     """Per-cut intervals and the three verdicts from the seeds' summary rows (`sweep_report.summarize`)."""
     cuts = sorted({r["cut"] for rows in rows_by_seed.values() for r in rows})
@@ -64,10 +78,10 @@ def judge(rows_by_seed: dict[int, list[dict]], timesteps: int) -> tuple[dict, di
 
     per_cut = {}
     for cut in cuts:
-        entry = {"fid_test": {}, "kid_test": {}}
+        entry = {"fid_test": {}, "kid_test": {}, "label_agreement": {}}
         for c in clients:
-            entry["fid_test"][c] = over_seeds(cut, lambda r, c=c: r["fidelity"][c]["fid_test"])
-            entry["kid_test"][c] = over_seeds(cut, lambda r, c=c: r["fidelity"][c]["kid_test"])
+            for metric in entry:
+                entry[metric][c] = over_seeds(cut, lambda r, c=c, m=metric: r["fidelity"][c].get(m))
         if cut < timesteps:
             for metric in ("linkage_top1", "psnr_best"):
                 entry[metric] = over_seeds(cut, mean_disclosure(metric))
@@ -87,12 +101,14 @@ def judge(rows_by_seed: dict[int, list[dict]], timesteps: int) -> tuple[dict, di
         verdicts["H1"] = {"verdict": "not resolved", "why": f"needs cut = T = {timesteps} and another cut"}
     uploading = [k for k in cuts if k < timesteps]
     h2 = {}
+    h2_steps = {}
     for metric in ("linkage_top1", "psnr_best"):
-        steps = list(zip(uploading, uploading[1:]))
-        falls = [_below(per_cut[b][metric], per_cut[a][metric]) for a, b in steps]
-        rises = [_below(per_cut[a][metric], per_cut[b][metric]) for a, b in steps]
-        h2[metric] = ("held" if steps and all(falls) else "refuted" if any(rises) else "not resolved")
-    verdicts["H2"] = {"verdict": _combine(h2.values()), "per_metric": h2}
+        outcomes = [_step(per_cut[a][metric], per_cut[b][metric]) for a, b in zip(uploading, uploading[1:])]
+        h2[metric] = ("held" if outcomes and all(o == "falls" for o in outcomes)
+                      else "refuted" if any(o in ("rises", "flat") for o in outcomes) else "not resolved")
+        h2_steps[metric] = [{"from": a, "to": b, "outcome": o} for (a, b), o in zip(zip(uploading, uploading[1:]),
+                                                                                    outcomes)]
+    verdicts["H2"] = {"verdict": _combine(h2.values()), "per_metric": h2, "steps": h2_steps}
     first = next(iter(rows_by_seed.values()))
     h3 = hypotheses(first, timesteps)["H3"]
     verdicts["H3"] = {"verdict": {True: "held", False: "refuted", None: "not resolved"}[h3["holds"]], **h3}
@@ -108,14 +124,54 @@ def _combine(parts) -> str:
     return "not resolved"
 
 
+def exact_columns(rows: list[dict]) -> dict[int, dict]:
+    """Per cut, the numbers that do not vary with the seed (FLOPs are counted, bytes are fixed by the shapes), from
+    one seed's summary rows: client FLOPs per generated image and per training round, the client's share of each,
+    bytes of one upload per client (every view once; a restarted server's re-request is not counted) and per
+    generated image (means over clients)."""
+    out = {}
+    for r in rows:
+        comp, comm = r["compute"], r["communication"]
+        per_client = list(comm.values())
+        train = comp.get("client_train_flops")
+        out[r["cut"]] = {
+            "client_flops_per_image": comp.get("client_sample_flops_per_image"),
+            "client_share_sample": comp.get("client_share_sample"),
+            "client_flops_per_round": None if train is None or not r.get("rounds") else train / r["rounds"],
+            "client_share_train": comp.get("client_share_train"),
+            "upload_bytes_per_client": (sum(c.get("upload_bytes_one_view") or 0 for c in per_client) / len(per_client)
+                                        if per_client else None),
+            "bytes_per_generated_image": next((c["bytes_per_generated_image"] for c in per_client
+                                               if c["bytes_per_generated_image"] is not None), None),
+        }
+    return out
+
+
+def _verdict_detail(name: str, v: dict) -> str:
+    if name == "H1" and "per_client" in v:
+        return "; ".join(f"{c}: {x}" for c, x in v["per_client"].items())
+    if name == "H2":
+        labels = {"linkage_top1": "linkage", "psnr_best": "PSNR"}
+        return "; ".join(f"{labels[m]}: {x} (" + ", ".join(f"{s['from']}→{s['to']} {s['outcome']}"
+                                                          for s in v["steps"][m]) + ")"
+                         for m, x in v["per_metric"].items())
+    if name == "H3":
+        return f"client FLOPs per image {v['client_sample_flops_per_image']} at cuts {v['cuts']}"
+    return v.get("why", "")
+
+
 def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, timesteps: int, command: str) -> Path:
     """``runs_by_seed``: seed -> cut -> run dir, each evaluated. Writes metrics.json, report.md and the FID plot."""
     rows_by_seed = {s: [summarize(json.loads((d / "evaluation.json").read_text())) for _, d in sorted(runs.items())]
                     for s, runs in runs_by_seed.items()}
     per_cut, verdicts = judge(rows_by_seed, timesteps)
+    exact = exact_columns(next(iter(rows_by_seed.values())))
+    train_s = {cut: interval([r["compute"].get("client_train_seconds") for rows in rows_by_seed.values()
+                              for r in rows if r["cut"] == cut]) for cut in per_cut}
     write_text_atomic(out / "metrics.json", json.dumps(
         {"command": command, "timesteps": timesteps, "seeds": sorted(runs_by_seed), "per_cut": per_cut,
-         "hypotheses": verdicts}, indent=1, allow_nan=False))
+         "exact_per_cut": exact, "client_train_seconds": train_s, "hypotheses": verdicts}, indent=1,
+        allow_nan=False))
     clients = sorted(next(iter(per_cut.values()))["fid_test"])
     plot = _plot_fid(per_cut, clients, timesteps, out / "fidelity_fid.png", len(runs_by_seed))
 
@@ -124,22 +180,45 @@ def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, time
             return "-"
         return f"{iv['mean']:.{digits}g}" + ("" if iv["half_width"] is None else f" ± {iv['half_width']:.2g}")
 
+    def num(x, fmt=".3g") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    def baseline(cut: int) -> str:
+        return f"{cut} (GM)" if cut == 0 else f"{cut} (ICM)" if cut == timesteps else str(cut)
+
+    header = " | ".join(f"FID {c} | KID {c}" for c in clients)
     lines = [f"# Cut sweep over {len(runs_by_seed)} seeds", "", f"    {command}", "",
              f"Mean ± 95% half-interval (Student t) over seeds {sorted(runs_by_seed)}; each seed's own report is in "
-             "seed_K/report.md.", "", f"![FID against the cut]({plot.name})", "",
-             "| cut | " + " | ".join(f"FID {c}" for c in clients)
-             + " | linkage top-1 | PSNR, strongest attack (dB) | ε |",
-             "|---" * (len(clients) + 4) + "|"]
+             "seed_K/report.md. Fidelity is against each client's held-out images.", "",
+             f"![FID against the cut]({plot.name})", "", "## Fidelity", "",
+             f"| cut | {header} | label agreement (" + ", ".join(clients) + ") |",
+             "|---" * (2 * len(clients) + 2) + "|"]
     for cut, e in sorted(per_cut.items()):
-        dis = [cell(e[m]) if m in e else "nothing uploaded" for m in ("linkage_top1", "psnr_best", "epsilon")]
-        lines.append(f"| {cut} | " + " | ".join(cell(e["fid_test"][c]) for c in clients) + " | " + " | ".join(dis)
-                     + " |")
-    lines += ["", "| claim | verdict | detail |", "|---|---|---|"]
+        lines.append(f"| {baseline(cut)} | " + " | ".join(f"{cell(e['fid_test'][c])} | {cell(e['kid_test'][c], 3)}"
+                                                          for c in clients)
+                     + " | " + " / ".join(cell(e["label_agreement"][c], 2) for c in clients) + " |")
+    lines += ["", "## Disclosure (mean over clients)", "",
+              "| cut | linkage top-1 | PSNR, strongest attack (dB) | ε (per image, one view) |", "|---|---|---|---|"]
+    for cut, e in sorted(per_cut.items()):
+        if "linkage_top1" not in e:
+            lines.append(f"| {baseline(cut)} | nothing uploaded | | |")
+            continue
+        eps = cell(e["epsilon"]) if e["epsilon"]["mean"] is not None else "none (the upload is the image)"
+        psnr = "exact (x0 uploaded)" if cut == 0 else cell(e["psnr_best"])
+        lines.append(f"| {baseline(cut)} | {cell(e['linkage_top1'])} | {psnr} | {eps} |")
+    lines += ["", "## Client compute and communication (exact: the same for every seed)", "",
+              "| cut | client FLOPs / image | client share (sampling) | client FLOPs / round | client share "
+              "(training) | upload bytes / client | bytes / generated image | client train s (measured) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for cut, x in sorted(exact.items()):
+        lines.append(f"| {baseline(cut)} | {num(x['client_flops_per_image'])} | {num(x['client_share_sample'])} | "
+                     f"{num(x['client_flops_per_round'])} | {num(x['client_share_train'])} | "
+                     f"{num(x['upload_bytes_per_client'])} | {num(x['bytes_per_generated_image'])} | "
+                     f"{cell(train_s[cut])} |")
+    lines += ["", "## The paper's claims, judged from the intervals", "", "| claim | verdict | detail |",
+              "|---|---|---|"]
     for name, v in verdicts.items():
-        detail = v.get("per_client") or v.get("per_metric") or v.get("why") or ""
-        if name == "H3":
-            detail = f"client FLOPs per image {v['client_sample_flops_per_image']} at cuts {v['cuts']}"
-        lines.append(f"| {name} | **{v['verdict']}** | {detail} |")
+        lines.append(f"| {name} | **{v['verdict']}** | {_verdict_detail(name, v)} |")
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -39,12 +39,15 @@ def summarize(evaluation: dict) -> dict:
     comp = evaluation["compute"]["flops"]
     comm = evaluation.get("communication") or {}
     clients = sorted(fid)
-    row = {"cut": evaluation["cut"], "fidelity": {}, "disclosure": {}, "compute": {}, "communication": {}}
+    row = {"cut": evaluation["cut"], "rounds": evaluation.get("rounds"), "fidelity": {}, "disclosure": {},
+           "compute": {}, "communication": {}}
     for c in clients:
         row["fidelity"][c] = {
             "kid_test": _get(fid[c], "vs_test", "kid_mean"), "fid_test": _get(fid[c], "vs_test", "fid"),
             "kid_train": _get(fid[c], "vs_train", "kid_mean"), "fid_train": _get(fid[c], "vs_train", "fid"),
             "label_tv": _get(fid[c], "label_mix", "tv_distance"),
+            # share of samples the classifier assigns to the label they were requested for
+            "label_agreement": _get(fid[c], "label_mix", "label_agreement"),
         }
         res = _get(dis, c, "results", default=None)
         row["disclosure"][c] = None if res is None else {
@@ -65,6 +68,10 @@ def summarize(evaluation: dict) -> dict:
         sampling = _get(comm, "per_client", c, "sampling", default={})
         row["communication"][c] = {
             "uploaded_bytes_training": _get(comm, "per_client", c, "training", "uploaded_bytes", default=0),
+            # one set of views (the first round that uploads); the total above also counts a server's re-request
+            # of the same views after it was restarted
+            "upload_bytes_one_view": next((r["uploaded_bytes"] for r in _get(
+                comm, "per_client", c, "training", "per_round", default=[]) if r["uploaded_bytes"]), 0),
             "bytes_per_generated_image": sampling.get("bytes_per_image"),
         }
     row["overall"] = {"kid_test": _get(evaluation, "fidelity", "overall_vs_test", "kid_mean"),
