@@ -15,7 +15,7 @@ OUT=${OUT:-runs/seed-sweep-r100}
 RESULTS=${RESULTS:-results/fashion-mnist-seeds}
 ROUNDS=${ROUNDS:-100}
 SEEDS=${SEEDS:-0,1,2}
-CUTS=${CUTS:-0,50,100,200,300,500,700,1000}
+CUTS=${CUTS:-0,50,100,200,300,500,700,900,990,1000}  # 900 and 990: where the upload's epsilon gets small
 SET=(--set "train.rounds=$ROUNDS" --set eval.n_samples=1000 --set eval.n_real=1000)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT" "$RESULTS"
