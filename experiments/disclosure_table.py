@@ -5,8 +5,9 @@ threat model. Mean over clients, then over the seeds found; the seed count is pr
     .venv/bin/python experiments/disclosure_table.py results/fashion-mnist-seeds   # the committed copies
 
 Columns: linkage top-1 among the pool (and among same-label candidates only), reconstruction PSNR (dB) of each
-attack on one view (rescaling, empirical-Bayes Tweedie, Tweedie with the server's model, the exact-seed attack),
-the averaging attack if views were re-drawn K times (best of rescale and Tweedie), and the upload's per-image ε.
+attack on one view (rescaling, empirical-Bayes Tweedie, Tweedie with the server's model, the exact-seed attack)
+beside guessing the per-pixel mean image, the averaging attack if views were re-drawn K times (best of rescale and
+Tweedie), and the upload's per-image ε.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def row(ev: dict, ks: list[int]) -> dict:
            "same-label": per_client_mean(ev, res("linkage_same_label", "top1"))}
     for label, name in ATTACKS.items():
         out[label] = per_client_mean(ev, res(name, "psnr"))
+    # the best image-independent guess, the per-pixel mean of x0 (an oracle baseline, the same for every attack)
+    out["mean image"] = per_client_mean(ev, lambda c: (res("reconstruction_rescale", "chance")(c) or {}).get("psnr"))
     for k in ks:
         out[f"K={k}"] = per_client_mean(ev, lambda c, k=k: max(
             (x for x in (res(f"averaging_k{k}_rescale", "psnr")(c), res(f"averaging_k{k}_tweedie", "psnr")(c))
@@ -57,7 +60,7 @@ def main() -> int:
         if ev["disclosure"].get("skipped"):
             continue
         by_cut.setdefault(ev["cut"], []).append(row(ev, ks))
-    cols = ["linkage", "same-label", *ATTACKS, *(f"K={k}" for k in ks), "ε"]
+    cols = ["linkage", "same-label", *ATTACKS, "mean image", *(f"K={k}" for k in ks), "ε"]
     print("| cut | seeds | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
     for cut, rows in sorted(by_cut.items()):
