@@ -8,6 +8,7 @@ fresh views per image (``split.fresh_upload_noise`` over K rounds). A table, not
 
     .venv/bin/python benchmarks/upload_epsilon.py
     .venv/bin/python benchmarks/upload_epsilon.py --cuts 200,500,900 --clip 1,4 --views 150
+    .venv/bin/python benchmarks/upload_epsilon.py --config configs/quality.toml --train-images 24000 --norms
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> int:
     p.add_argument("--views", type=int, default=0, help="also K fresh views per image (0: skip; default: 0)")
     p.add_argument("--train-images", type=int, default=5000,
                    help="training images per client, delta = 1 / this (default: %(default)s, the demo's)")
+    p.add_argument("--norms", action="store_true",
+                   help="also print the clients' image L2 norms, to read the clip norms C against")
     a = p.parse_args()
     cfg = load_config(a.config)
     sched = DiffusionSchedule(cfg.diffusion)
@@ -49,6 +52,16 @@ def main() -> int:
             cells.append(upload_privacy(abar, d, a.train_images, views=a.views)["epsilon"])
         shown = ["inf" if e is None else f"{e:.3g}" for e in cells]
         print(f"| {cut} | {abar:.3g} | {base['noise_std']:.3g} | " + " | ".join(shown) + " |", flush=True)
+    if a.norms:
+        import torch
+
+        from collafuse.data import load_client_datasets
+
+        clients = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)
+        norms = torch.cat([cl.train_x.flatten(1).norm(dim=1) for cl in clients])
+        q = torch.quantile(norms, torch.tensor([0.05, 0.5, 0.95]))
+        print(f"image L2 norms over the clients' {len(norms)} training images (sqrt(d) = {d ** 0.5:.1f}): "
+              f"5th / 50th / 95th percentile {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}, max {norms.max():.2f}")
     return 0
 
 
