@@ -102,12 +102,12 @@ def judge(rows_by_seed: dict[int, list[dict]], timesteps: int) -> tuple[dict, di
     uploading = [k for k in cuts if k < timesteps]
     h2 = {}
     h2_steps = {}
+    pairs = list(zip(uploading, uploading[1:]))
     for metric in ("linkage_top1", "psnr_best"):
-        outcomes = [_step(per_cut[a][metric], per_cut[b][metric]) for a, b in zip(uploading, uploading[1:])]
+        outcomes = [_step(per_cut[a][metric], per_cut[b][metric]) for a, b in pairs]
         h2[metric] = ("held" if outcomes and all(o == "falls" for o in outcomes)
                       else "refuted" if any(o in ("rises", "flat") for o in outcomes) else "not resolved")
-        h2_steps[metric] = [{"from": a, "to": b, "outcome": o} for (a, b), o in zip(zip(uploading, uploading[1:]),
-                                                                                    outcomes)]
+        h2_steps[metric] = [{"from": a, "to": b, "outcome": o} for (a, b), o in zip(pairs, outcomes)]
     verdicts["H2"] = {"verdict": _combine(h2.values()), "per_metric": h2, "steps": h2_steps}
     first = next(iter(rows_by_seed.values()))
     h3 = hypotheses(first, timesteps)["H3"]
