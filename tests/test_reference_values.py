@@ -52,19 +52,33 @@ GRIDS = [
     ((20, 6, 5), [17, 13, 9, 5, 1], [17, 13, 9], [5, 1]),
     ((20, 0, 5), [19, 15, 11, 7, 3], [19, 15, 11, 7, 3], []),  # global model: every step is the server's
     ((20, 20, 5), [19, 15, 11, 7, 3], [], [19, 15, 11, 7, 3]),  # independent clients: every step is the client's
-    # the server's segment (2 steps) is shorter than the stride 4: 7 steps of stride 2 give it one
-    ((20, 18, 5), [19, 17, 15, 13, 11, 9, 7, 5, 3, 1], [19], [17, 15, 13, 11, 9, 7, 5, 3, 1]),
     ((20, 1, 4), [15, 10, 5, 0], [15, 10, 5], [0]),  # cut 1: the client owns one step, index 0
 ]
+# The server's segment (2 steps) is shorter than the stride 4. DDIM: 7 steps of stride 2 give it one. DPM-Solver:
+# the stride stays and index 19 goes in front, so the client keeps the 5 steps of the cut-20 grid's spacing.
+SHORT_SERVER_SEGMENT = {
+    "ddim": ((20, 18, 5), [19, 17, 15, 13, 11, 9, 7, 5, 3, 1], [19], [17, 15, 13, 11, 9, 7, 5, 3, 1]),
+    "dpmsolver": ((20, 18, 5), [19, 17, 13, 9, 5, 1], [19], [17, 13, 9, 5, 1]),
+}
 
 
 @pytest.mark.parametrize("kind", ["ddim", "dpmsolver"])
-@pytest.mark.parametrize("key,grid,server,client", GRIDS)
-def test_ddim_grid_and_split_by_hand(kind, key, grid, server, client):
+@pytest.mark.parametrize("case", [*GRIDS, "short server segment"])
+def test_ddim_grid_and_split_by_hand(kind, case):
+    key, grid, server, client = SHORT_SERVER_SEGMENT[kind] if case == "short server segment" else case
     T, cut, n = key
     sched = DiffusionSchedule(DiffusionConfig(timesteps=T)).sampler(kind, cut, n)
     assert [int(t) for t in sched.timesteps] == grid
     assert split_timesteps(sched.timesteps, cut) == (server, client)
+
+
+def test_dpmsolver_at_cut_990_gives_the_client_icm_step_count():
+    """The quality schedule (T 1000, 25 steps, stride 40) at cut 990: the server steps once, 999 -> 989 = x_cut,
+    and the client runs 25 steps as the independent client model does (not the 99 of a shrunk stride)."""
+    sch = DiffusionSchedule(DiffusionConfig(timesteps=1000))
+    server, client = split_timesteps(sch.sampler("dpmsolver", 990, 25).timesteps, 990)
+    assert server == [999] and client == list(range(989, -1, -40))
+    assert len(client) == len(split_timesteps(sch.sampler("dpmsolver", 1000, 25).timesteps, 1000)[1]) == 25
 
 
 def test_dpmsolver_steps_from_each_grid_point_to_the_next_and_ends_at_x0():

@@ -112,7 +112,13 @@ def test_second_evaluation_goes_to_its_own_file(sweep_toml, tmp_path, capsys):
     assert main(["evaluate", str(run), "--quiet", "--set", "sample.sampler=ddpm",
                  "--output", "evaluation-ddpm.json"]) == 0
     assert (run / "evaluation.json").read_bytes() == before
-    assert json.loads((run / "evaluation-ddpm.json").read_text())["rounds"] == 1
+    ddpm = json.loads((run / "evaluation-ddpm.json").read_text())
+    assert ddpm["rounds"] == 1
+    # Each file says which grid its samples came from (T 20, cut 6; 5 steps of stride 4 anchored on index 5).
+    assert json.loads(before)["sampler_grid"] == {"sampler": "dpmsolver", "timesteps": [17, 13, 9, 5, 1],
+                                              "server_steps": 3, "client_steps": 2}
+    assert ddpm["sampler_grid"] == {"sampler": "ddpm", "timesteps": list(range(19, -1, -1)), "server_steps": 14,
+                                "client_steps": 6}
     capsys.readouterr()
     for bad in ("../evaluation.json", "sub/e.json", "evaluation.txt", ".json"):
         assert main(["evaluate", str(run), "--quiet", "--output", bad]) == 2
@@ -145,6 +151,15 @@ def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml
     assert len(calls) == 6
     assert torch.equal(samples("sample.sampler=ddpm")["x0"], ddpm["x0"]) and len(calls) == 6
     assert len(list((run / "eval").glob("samples_client0_n4_*.safetensors"))) == 6
+    # The same settings under a changed grid builder (as when DPM-Solver's short-server-segment grid was fixed)
+    # sample again: the key holds the grid itself.
+    from collafuse.diffusion import DiffusionSchedule
+
+    real_grid = DiffusionSchedule.sampler
+    with monkeypatch.context() as m:
+        m.setattr(DiffusionSchedule, "sampler", lambda self, kind, cut, steps=50: real_grid(self, kind, cut, steps + 1))
+        samples()
+    assert len(calls) == 7
     # Training on changes the weights: the same settings sample again.
     assert main(["run", str(sweep_toml), "--out", str(run), "--quiet", "--resume", "--set", "train.rounds=2"]) == 0
     calls.clear()  # (the run samples its own report images)

@@ -106,12 +106,15 @@ class DiffusionSchedule:
         every index congruent to cut-1 mod r, so the server's last step lands on index cut-1 (= x_cut) exactly.
         (DDIMScheduler steps from t to t - T // num_inference_steps, so any list with that stride is valid.)
         The sequence may hold one step more or fewer than ``ddim_steps``; when the server's segment T - cut is shorter
-        than the stride, the stride shrinks until the server gets a step.
+        than the stride, DDIM's stride shrinks until the server gets a step (its ``step`` only knows one stride).
 
         ``dpmsolver`` is DPM-Solver++(2M) with SDE noise (Lu et al. 2022, "DPM-Solver++", Sec. 4 and its SDE variant
         in diffusers) on the same cut-anchored grid: it steps from each listed timestep to the next one, so the
         server's last step also ends on x_cut. It is a multistep solver, and each side runs it on a scheduler of its
         own: the client's first step (from x_cut) is first order, with no history from the server's steps.
+        It takes any descending list, so when the server's segment holds no grid point the stride stays and index
+        T - 1 is put in front: the server takes one step, from x_T to x_cut, and the client keeps the ``ddim_steps``
+        grid of the independent client model (a shrunk stride would give the client several times ICM's steps).
         ``clip_sample`` becomes thresholding at 1, the same clamp of the predicted x0 to [-1, 1].
         """
         if kind == "ddpm":
@@ -121,10 +124,12 @@ class DiffusionSchedule:
         if kind not in ("ddim", "dpmsolver"):
             raise ValueError(f"sampler = {kind!r} is invalid (allowed: 'ddpm', 'ddim', 'dpmsolver')")
         n = ddim_steps
-        while cut < self.T and self.T // n > self.T - cut:
+        while kind == "ddim" and cut < self.T and self.T // n > self.T - cut:
             n += 1  # the server's segment must hold at least one stride, or it would get no step at all
         stride = self.T // n
         grid = torch.arange((cut - 1) % stride, self.T, stride).flip(0)
+        if cut < self.T and int(grid[0]) < cut:  # dpmsolver only: no grid point on the server's side
+            grid = torch.cat([torch.tensor([self.T - 1]), grid])
         if kind == "ddim":
             sched = DDIMScheduler(**self.scheduler_kwargs, set_alpha_to_one=True)
             sched.set_timesteps(n)  # sets num_inference_steps, hence the stride T // n used by step()

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .accounting import upload_privacy
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .communication import communication_summary
-from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting
+from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
 from .config import Config, ConfigError
 from .disclosure import disclosure_report
 from .features import get_extractor
@@ -40,12 +40,20 @@ from .seeding import generator
 def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dict:
     """Everything that changes a client's evaluation samples: the exact weights (sha256 of every node file of the
     latest checkpoint), every ``[sample]`` setting that reaches the samplers (sampler, steps, guidance, EMA, batch
-    size, and whatever is added there later), the sampling seed, the client and n."""
+    size, and whatever is added there later), the sampling seed, the client and n; and the sampler's timestep grid
+    itself, so samples drawn before a change of how the grid is built are never scored as the new grid's."""
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
     sample = {k: v for k, v in dataclasses.asdict(fed.cfg.sample).items() if k != "n_per_client"}
     return {"client": client, "n": n, "checkpoint": ckpt.name, "node_files": state["files"], "sample": sample,
-            "sample_seed": fed.cfg.seeds.sample}
+            "sample_seed": fed.cfg.seeds.sample, "timesteps": sampling_grid(fed.cfg)["timesteps"]}
+
+
+def sampling_grid(cfg: Config) -> dict:
+    """The sampler's timestep grid (diffusers indices, sampling order: the server's steps, then the client's)."""
+    server, client = sampling_steps(cfg)
+    return {"sampler": cfg.sample.sampler, "timesteps": server + client, "server_steps": len(server),
+            "client_steps": len(client)}
 
 
 def generated_samples(fed: Federation, run_dir: Path, client: int, n: int) -> dict[str, torch.Tensor]:
@@ -225,6 +233,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
         "rounds": fed.history.rounds_done,
         "checkpoint": latest_checkpoint(run_dir / "checkpoints").name,
         "n_samples_per_client": cfg.eval.n_samples,
+        "sampler_grid": sampling_grid(cfg),
         "extractor": {"name": cfg.eval.extractor, **getattr(extractor, "info", {})},
         "fidelity": fidelity_section(fed, samples, extractor, classifier),
     }
