@@ -12,7 +12,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from collafuse import features
+from collafuse import features, fidelity
 from collafuse.data import load_fashion_mnist
 from collafuse.evaluate import sample_fids
 from collafuse.features import (
@@ -126,6 +126,24 @@ def test_small_sets_and_bad_input(extractor):
         fid_kid(blobs(4, seed=1) * 127.5 + 127.5, blobs(4, seed=2), extractor)
     with pytest.raises(ValueError, match="1-channel"):
         fid_kid(blobs(4, seed=1).expand(-1, 3, -1, -1), blobs(4, seed=2).expand(-1, 3, -1, -1), extractor)
+
+
+def test_pooled_features_score_like_pooled_images(extractor):
+    """The evaluation extracts each set once and pools features for the all-clients score: that equals torchmetrics
+    run by its own module over the pooled images; features of the wrong shape are refused."""
+    (ra, rb), (fa, fb) = (blobs(40, seed=1), blobs(30, seed=2)), (blobs(35, seed=3, shift=0.2), blobs(25, seed=4))
+    feats = [fidelity.extract_features(x, extractor) for x in (ra, rb, fa, fb)]
+    out = fidelity.fid_kid_from_features(torch.cat(feats[:2]), torch.cat(feats[2:]), extractor, kid_subset_size=20,
+                                         kid_subsets=10, seed=3)
+    fid = FrechetInceptionDistance(feature=extractor)
+    fid.update(torch.cat([ra, rb]), real=True)
+    fid.update(torch.cat([fa, fb]), real=False)
+    assert out["fid"] == pytest.approx(float(fid.compute()), rel=1e-4)
+    assert (out["n_real"], out["n_fake"]) == (70, 60)
+    with pytest.raises(ValueError, match=r"real features must be \[N >= 2, "):
+        fidelity.fid_kid_from_features(feats[0][:1], feats[2], extractor)
+    with pytest.raises(ValueError, match="fake features must be"):
+        fidelity.fid_kid_from_features(feats[0], feats[2][:, :3], extractor)
 
 
 def test_features_see_what_a_png_would_hold(extractor):

@@ -46,7 +46,7 @@ def _device(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _check_set(x: torch.Tensor, what: str, minimum: int = 2) -> None:
+def check_image_set(x: torch.Tensor, what: str, minimum: int = 2) -> None:
     if not torch.is_tensor(x) or x.dim() != 4:
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"{what} must be float images [N, C, H, W] in [-1, 1], got {got}")
@@ -83,7 +83,8 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, kid_su
             batch_size: int | None = None, kid_subsets: int = KID_SUBSETS, seed: int = 0) -> dict:
     """FID and KID between real and generated images with one extractor, via torchmetrics.
 
-    Features are extracted once per image (batched) and both metrics are updated batch by batch with them.
+    Features are extracted once per image (batched) and both metrics are computed from them
+    (`fid_kid_from_features`, which a caller scoring one set against several others can use directly).
 
     Args:
         real (`torch.Tensor`): float [N, C, H, W] in [-1, 1], N >= 2.
@@ -103,26 +104,44 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, kid_su
         ``kid_subsets``, ``extractor`` (its name), ``extractor_id`` (which weights), ``num_features``, and ``label``,
         a human-readable tag such as ``"classifier (128-d), 1000 real vs 1000 generated"``.
     """
-    _check_set(real, "real")
-    _check_set(fake, "fake")
+    check_image_set(real, "real")
+    check_image_set(fake, "fake")
+    return fid_kid_from_features(extract_features(real, extractor, batch_size),
+                                 extract_features(fake, extractor, batch_size), extractor,
+                                 kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
+
+
+def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module,
+                          kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS, seed: int = 0) -> dict:
+    """`fid_kid` on features already extracted (`extract_features`), so that an evaluation scoring each client's
+    samples against its train and held-out images and all clients pooled runs the extractor once per image.
+
+    Args:
+        real (`torch.Tensor`): float64 [N, num_features], N >= 2.
+        fake (`torch.Tensor`): float64 [M, num_features], M >= 2.
+        extractor (`nn.Module`): the one that made them (only its ``name``, ``identity``, ``num_features``).
+        kid_subset_size, kid_subsets, seed: as in `fid_kid`.
+
+    Returns:
+        `dict`: as `fid_kid`.
+    """
+    num_features = int(extractor.num_features)
+    for feats, what in ((real, "real"), (fake, "fake")):
+        if feats.dim() != 2 or feats.shape[1] != num_features or len(feats) < 2:
+            raise ValueError(f"{what} features must be [N >= 2, {num_features}], got {tuple(feats.shape)}")
     n_real, n_fake = len(real), len(fake)
     subset = min(kid_subset_size or KID_SUBSET_SIZE, n_real, n_fake)
     if subset < 2:
         raise ValueError(f"kid_subset_size = {kid_subset_size} is invalid (allowed: an integer >= 2)")
     subsets = 1 if subset == n_real == n_fake else kid_subsets
-    num_features = int(extractor.num_features)
-    batch_size = batch_size or getattr(extractor, "preferred_batch_size", 256)
-
     feed = _Precomputed(num_features)
     fid = FrechetInceptionDistance(feature=feed, reset_real_features=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(feature=feed, subsets=subsets, subset_size=subset)
-    for images, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(images), batch_size):
-            feats = extract_features(images[i:i + batch_size], extractor, batch_size)
-            fid.update(feats, real=is_real)
-            kid.update(feats, real=is_real)
+    for feats, is_real in ((real, True), (fake, False)):
+        fid.update(feats, real=is_real)
+        kid.update(feats, real=is_real)
     fid_value = float(fid.compute())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
