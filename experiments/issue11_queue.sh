@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every run of issue 11 in one resumable queue, in the order that completes whole parts soonest on 2 cores:
 # seed 0 of the cut sweep, its Inception FIDs, seed 0's cut 990 scored again on the fixed DPM-Solver grid, the
-# clipped runs, seeds 1 and 2 (and the summary over seeds), then DDPM-1000 evaluations. Each step skips what is
-# done, so after a crash or a kill the same command goes on.
+# Inception FID floor, the clipped runs, seeds 1 and 2 (and the summary over seeds), then DDPM-1000 evaluations.
+# Each step skips what is done, so after a crash or a kill the same command goes on.
 #
 #   nohup experiments/issue11_queue.sh >> runs/issue11-queue.log 2>&1 &
 set -euo pipefail
@@ -18,6 +18,10 @@ if [[ -f $stale/evaluation.json ]] && ! grep -q '"sampler_grid"' "$stale/evaluat
   cp "$stale/evaluation-shrunk-grid.json" results/fashion-mnist-seeds/seed_0/cut_0990/
   SEEDS=0 experiments/seed_sweep.sh
 fi
+# The real-data floor under Inception features, to read the Inception FIDs against (one subset: ~10 min here).
+floor=results/fashion-mnist-seeds/fid_floor_inception.json
+[[ -f $floor ]] || HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fid_floor.py --config configs/quality.toml --n 1000 \
+  --n-real 1000 --extractor inception --repeats 1 --json "$floor"
 experiments/clip_sweep.sh
 SEEDS=0,1,2 experiments/seed_sweep.sh
 KINDS=ddpm CUTS=${DDPM_CUTS:-0,200,1000} experiments/extra_evals.sh
