@@ -47,6 +47,7 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def check_image_set(x: torch.Tensor, what: str, minimum: int = 2) -> None:
+    """Raise a one-line ValueError unless ``x`` is a float image batch [N >= minimum, C, H, W] in [-1, 1]."""
     if not torch.is_tensor(x) or x.dim() != 4:
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"{what} must be float images [N, C, H, W] in [-1, 1], got {got}")
