@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from collafuse.accounting import clip_images
 from collafuse.client import Client
 from collafuse.diffusion import DiffusionSchedule
 from collafuse.disclosure import (
@@ -178,6 +179,27 @@ def test_averaging_follows_the_effective_alpha_bar():
     # rescaling K views gains 10 log10(K) dB in MSE terms
     gain = 10 * math.log10(by[1, "rescale"]["mse"] / by[16, "rescale"]["mse"])
     assert gain == pytest.approx(10 * math.log10(16), abs=0.3)
+
+
+def test_averaging_views_of_clipped_images_are_scored_against_the_real_ones():
+    """With ``split.upload_clip_norm`` the views are of the clipped images: the rescale's error against the real image
+    is the clipping's own error plus the noise's, E||c + n - x||^2 = ||c - x||^2 + (1 - abar') / abar' per pixel,
+    however many views are averaged."""
+    x0, _, _ = gaussian_images(400, seed=12)
+    clipped = clip_images(x0, 1.0)
+    abar = 0.3
+    recs = averaging_attack(clipped, abar, (1, 64), torch.Generator().manual_seed(13), clip=False, truth=x0)
+    clip_err = float(((clipped - x0) ** 2).mean())
+    for r in recs:
+        ab = effective_alpha_bar(abar, r["k"])
+        assert r["mse"] == pytest.approx(clip_err + (1 - ab) / ab, rel=0.03)
+    assert recs[-1]["mse"] > 0.9 * clip_err  # 64 views cannot undo the clipping
+    # The report draws its what-if views of the clipped images when the config clips (C is public).
+    g = torch.Generator().manual_seed(14)
+    uploads = math.sqrt(abar) * clipped + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=g)
+    report = disclosure_report(x0, uploads, abar, ks=(64,), generator=g, clip_norm=1.0)
+    assert report["results"]["averaging_k64_rescale"]["views_of"] == "images clipped to L2 norm 1.0"
+    assert report["results"]["averaging_k64_rescale"]["mse"] > 0.9 * clip_err
 
 
 # -- proxies -----------------------------------------------------------------------------------------------------------

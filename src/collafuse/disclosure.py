@@ -481,6 +481,7 @@ def averaging_attack(
     clip: bool = True,
     batch_size: int = 256,
     psnr_cap: float = 100.0,
+    truth: torch.Tensor | None = None,
 ) -> list[dict]:
     """Averaging attack: what the server would get if the client re-drew its cut noise every round (off by default).
 
@@ -490,7 +491,8 @@ def averaging_attack(
     protocol itself uploads one fixed view (split-protocol.md, Training), so this measures the cost of the option.
 
     Args:
-        x0 (`torch.Tensor`): [N, C, H, W] true images.
+        x0 (`torch.Tensor`): [N, C, H, W] the images the views are drawn of (what the client uploads: with
+            ``split.upload_clip_norm`` the clipped images).
         abar_s (`float`): abar at the cut, > 0.
         ks (`Sequence[int]`): numbers of views, e.g. (1, 4, 16, 64).
         generator (`torch.Generator`): CPU generator for the simulated noise.
@@ -501,6 +503,8 @@ def averaging_attack(
         clip (`bool`, defaults to True): clamp reconstructions to [-1, 1].
         batch_size (`int`, defaults to 256): images per predictor call.
         psnr_cap (`float`, defaults to 100.0): see `score_reconstruction`.
+        truth (`torch.Tensor`, *optional*): the images reconstructions are scored against; defaults to ``x0``
+            (with clipping, the unclipped images: averaging recovers at best the clipped ones).
 
     Returns:
         `list[dict]`: one record per (K, method) with ``attack`` = "averaging", ``method``, ``k``, ``abar_eff``,
@@ -511,6 +515,7 @@ def averaging_attack(
     if abar_s == 0:
         raise ValueError("averaging_attack needs abar_s > 0: averaging pure noise reveals nothing")
     a, b = math.sqrt(abar_s), math.sqrt(1 - abar_s)
+    truth = x0 if truth is None else truth
     out = []
     for k in ks:
         total = torch.zeros_like(x0)
@@ -522,11 +527,11 @@ def averaging_attack(
                 "pool_size": None}
         rec = rescale_reconstruct(mean, abar_s, clip)
         out.append({**base, "method": "rescale", "expected_mse_unclipped": (1 - ab_eff) / ab_eff,
-                    **score_reconstruction(rec, x0, psnr_cap)})
+                    **score_reconstruction(rec, truth, psnr_cap)})
         if eps_fn_at is not None:
             view = mean / math.sqrt(abar_s + (1 - abar_s) / k)  # an ordinary view at level abar_eff
             rec = tweedie_reconstruct(view, ab_eff, eps_fn_at(ab_eff), labels, batch_size, clip)
-            out.append({**base, "method": "tweedie", **score_reconstruction(rec, x0, psnr_cap)})
+            out.append({**base, "method": "tweedie", **score_reconstruction(rec, truth, psnr_cap)})
     return out
 
 
@@ -689,9 +694,12 @@ def disclosure_report(
         results["reconstruction_tweedie_server"] = record("reconstruction", "tweedie_server_model", rec)
 
     if abar_s > 0:
-        for r in averaging_attack(x0, abar_s, ks, gen, lambda ab: gaussian_eps_fn(ab, mu, var), None, True,
-                                  batch_size, psnr_cap):
+        # Re-drawn views are views of what the client uploads: with clipping, of the clipped images.
+        viewed = x0 if clip_norm is None else clip_images(x0, clip_norm)
+        for r in averaging_attack(viewed, abar_s, ks, gen, lambda ab: gaussian_eps_fn(ab, mu, var), None, True,
+                                  batch_size, psnr_cap, truth=x0):
             r["chance"] = prior
+            r["views_of"] = "images" if clip_norm is None else f"images clipped to L2 norm {clip_norm}"
             results[f"averaging_k{r['k']}_{r['method']}"] = r
 
     # The paper's proxies: raw pixel distances. They track the noise level more than what can be inferred:
