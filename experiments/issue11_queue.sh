@@ -22,6 +22,11 @@ fi
 floor=results/fashion-mnist-seeds/fid_floor_inception.json
 [[ -f $floor ]] || HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fid_floor.py --config configs/quality.toml --n 1000 \
   --n-real 1000 --extractor inception --repeats 1 --json "$floor"
+# Clipped runs scored before the averaging what-if drew its views of the clipped images (their evaluation.json has
+# no "views_of") are scored again; the samples are cached, so only the disclosure section is recomputed.
+for ev in runs/clip-sweep/clip_*/seed_*/cut_*/evaluation.json; do
+  [[ -f $ev ]] && ! grep -q '"views_of"' "$ev" && rm "$ev"
+done
 experiments/clip_sweep.sh
 SEEDS=0,1,2 experiments/seed_sweep.sh
 KINDS=ddpm CUTS=${DDPM_CUTS:-0,200,1000} experiments/extra_evals.sh
