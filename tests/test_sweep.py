@@ -4,6 +4,7 @@ bad input gives one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,36 @@ def test_seeded_sweep_end_to_end_with_intervals_and_resume(sweep_toml, tmp_path,
     before = {p: p.read_bytes() for p in out.glob("seed_*/cut_*/evaluation.json")}
     assert main(argv) == 0  # resume: nothing trained or evaluated again
     assert {p: p.read_bytes() for p in out.glob("seed_*/cut_*/evaluation.json")} == before
+
+    # --report-only over a committed copy of the small files (no checkpoints, no secrets), seed 1's cut 6 missing:
+    # the summary over seeds uses what is there and trains nothing.
+    committed = tmp_path / "committed"
+    for seed, cut in ((0, 6), (0, T), (1, T)):
+        src, dst = out / f"seed_{seed}" / f"cut_{cut:04d}", committed / f"seed_{seed}" / f"cut_{cut:04d}"
+        dst.mkdir(parents=True)
+        for f in [src / "evaluation.json", src / "figure4_client0.png", *src.glob("samples_client*.png")]:
+            shutil.copy(f, dst)
+    report_argv = [*argv[:argv.index("--out")], "--out", str(committed), "--quiet", "--report-only"]
+    assert main(report_argv) == 0
+    summary = json.loads((committed / "metrics.json").read_text())
+    fid_t = [e["fidelity"]["per_client"]["client0"]["vs_test"]["fid"] for e in
+             (json.loads((out / f"seed_{s}" / f"cut_{T:04d}" / "evaluation.json").read_text()) for s in (0, 1))]
+    at_t = summary["per_cut"][str(T)]["fid_test"]["client0"]
+    assert at_t["n"] == 2 and at_t["mean"] == pytest.approx(sum(fid_t) / 2)
+    assert at_t["half_width"] == pytest.approx(12.7062047 * abs(fid_t[0] - fid_t[1]) / 2)  # t_{0.975,1} s/sqrt(2)
+    at_6 = summary["per_cut"]["6"]["fid_test"]["client0"]
+    assert at_6["n"] == 1 and at_6["mean"] == pytest.approx(
+        per_seed[0]["fidelity"]["per_client"]["client0"]["vs_test"]["fid"])
+    assert (committed / "seed_1" / "report.md").is_file() and (committed / "report.md").is_file()
+    assert not list(committed.rglob("checkpoints")) and not list(committed.rglob("client-secrets.toml"))
+    # Figure 4 from the runs' committed strips (hand-off row + sample row each): seed 0's two cuts stacked.
+    from PIL import Image
+    strip = Image.open(committed / "seed_0" / "cut_0006" / "figure4_client0.png")
+    assert strip.height == 2 * (2 * (28 + 2) + 2)  # 2 rows of 28 px, 2 px padding, scaled 2x
+    assert Image.open(committed / "seed_0" / "figure4_grid.png").size == (strip.width, 2 * strip.height)
+    assert "figure4_grid.png" in (committed / "seed_0" / "report.md").read_text()
+    assert main([*report_argv[:-2], "--out", str(tmp_path / "empty"), "--quiet", "--report-only"]) == 2
+    assert "--report-only: no run of --seeds 0,1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [

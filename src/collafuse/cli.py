@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the sweep once per seed (DIR/seed_K), then "
                                     "mean and 95%% interval over seeds")
     sw.add_argument("--vary-partition", action="store_true", help="with --seeds, also re-draw the data partition")
+    sw.add_argument("--report-only", action="store_true",
+                    help="train and evaluate nothing: summarise the runs under --out that have an evaluation.json "
+                         "(e.g. results committed from several machines)")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
@@ -186,7 +189,8 @@ def cmd_sweep(args) -> int:
     try:
         report = run_sweep(args.config, parse_cuts(args.cuts), Path(args.out), overrides, progress=not args.quiet,
                            command="collafuse " + shlex.join(args.argv),
-                           secrets=_secrets(args), seeds=seeds, vary_partition=args.vary_partition)
+                           secrets=_secrets(args), seeds=seeds, vary_partition=args.vary_partition,
+                           report_only=args.report_only)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the same command resumes: collafuse {shlex.join(args.argv)}", file=sys.stderr)
         return 130

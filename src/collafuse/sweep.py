@@ -39,6 +39,12 @@ def _evaluated(run_dir: Path) -> bool:
     return path.is_file() and ckpt is not None and json.loads(path.read_text()).get("checkpoint") == ckpt.name
 
 
+def _evaluated_runs(sweep_dir: Path, cuts: list[int]) -> dict[int, Path]:
+    """The runs among ``cuts`` under ``sweep_dir`` that have an evaluation.json (their checkpoints need not exist)."""
+    runs = {cut: sweep_dir / f"cut_{cut:04d}" for cut in cuts}
+    return {cut: d for cut, d in runs.items() if (d / "evaluation.json").is_file()}
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = sorted({int(c) for c in text.split(",") if c.strip()})
@@ -64,10 +70,14 @@ def seed_overrides(base: Config, seed: int, vary_partition: bool = False) -> lis
 
 def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[str] | tuple[str, ...] = (),
               progress: bool = True, command: str = "", secrets: dict | None = None,
-              seeds: list[int] | None = None, vary_partition: bool = False) -> Path:
+              seeds: list[int] | None = None, vary_partition: bool = False, report_only: bool = False) -> Path:
     """Train and evaluate one run per cut under ``out/cut_NNNN``, then write ``out/report.md`` and
     ``out/metrics.json``; returns the report path. ``secrets``: explicit client secrets for every run (see
     ``run_experiment``); by default each run's clients draw their own.
+
+    ``report_only``: train and evaluate nothing; summarise the runs that have an ``evaluation.json`` (a committed
+    copy of a sweep's small files is enough: no checkpoint, no secrets), skipping the others. It is how a sweep
+    that spans machines is summarised from the results each machine committed.
 
     With ``seeds``: one such sweep per seed under ``out/seed_K/``, every cut of a seed with the same client secrets
     (``out/seed_K/client-secrets.toml``, drawn from OS entropy once: the sweep plays every client, so it holds
@@ -87,14 +97,31 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
         runs_by_seed = {}
         for seed in seeds:
             seed_dir = out / f"seed_{seed}"
+            if report_only:
+                found = _evaluated_runs(seed_dir, cuts)
+                if found:
+                    write_sweep_report(found, seed_dir, base, f"{command} (seed {seed})")
+                    runs_by_seed[seed] = found
+                continue
             path = seed_dir / "client-secrets.toml"
             seed_secrets = read_secrets_file(path) if path.exists() else write_secrets_file(
                 path, base.data.num_clients)
             extra = [*overrides, *seed_overrides(base, seed, vary_partition)]
             run_sweep(config, cuts, seed_dir, extra, progress, f"{command} (seed {seed})", seed_secrets)
             runs_by_seed[seed] = {cut: seed_dir / f"cut_{cut:04d}" for cut in cuts}
+        if not runs_by_seed:
+            raise ConfigError(f"--report-only: no run of --seeds {','.join(map(str, seeds))} x --cuts "
+                              f"{','.join(map(str, cuts))} under {out} has an evaluation.json (allowed: a sweep "
+                              "directory with evaluated runs, DIR/seed_K/cut_NNNN/evaluation.json)")
         write_text_atomic(out / "COMMAND", (command or f"run_sweep({config!s}, {cuts}, seeds={seeds})") + "\n")
         return write_seed_summary(runs_by_seed, out, base.diffusion.timesteps, command)
+    if report_only:
+        runs = _evaluated_runs(out, cuts)
+        if not runs:
+            raise ConfigError(f"--report-only: no run of --cuts {','.join(map(str, cuts))} under {out} has an "
+                              "evaluation.json (allowed: a sweep directory with evaluated runs, "
+                              "DIR/cut_NNNN/evaluation.json)")
+        return write_sweep_report(runs, out, base, command)
     runs = {}
     for cut in cuts:
         cfg = load_config(config, [*overrides, f"split.cut={cut}"])

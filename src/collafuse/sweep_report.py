@@ -170,18 +170,30 @@ def _plot(rows: list[dict], timesteps: int, path: Path, title: str, ylabel: str,
 
 
 def figure4_grid(runs: dict[int, Path], out: Path, client: int = 0, per_row: int = 8) -> Path | None:
-    """For each cut, one row of the server's hand-offs x_cut and one row of final samples (arXiv 2406.14429 Fig. 4)."""
-    rows = []
+    """For each cut, one row of the server's hand-offs x_cut and one row of final samples (arXiv 2406.14429 Fig. 4).
+
+    Each run's two rows are also kept in the run as ``figure4_client{client}.png``, a small file that travels with
+    its committed results, so a report written from results alone (``sweep --report-only``) still has the grid."""
+    from PIL import Image
+
+    strips = []
     for cut in sorted(runs):
+        strip_path = runs[cut] / f"figure4_client{client}.png"
         files = sorted((runs[cut] / "eval").glob(f"samples_client{client}_n*.safetensors"))
-        if not files:
-            continue
-        t = load_file(str(max(files, key=lambda p: p.stat().st_mtime)))  # the latest evaluation's samples
-        rows += [t["x_cut"][:per_row], t["x0"][:per_row]]
-    if not rows:
+        if files:
+            t = load_file(str(max(files, key=lambda p: p.stat().st_mtime)))  # the latest evaluation's samples
+            grid(torch.cat([t["x_cut"][:per_row], t["x0"][:per_row]]), ncol=per_row).save(strip_path)
+        if strip_path.is_file():
+            strips.append(Image.open(strip_path).convert("L"))
+    if not strips:
         return None
+    canvas = Image.new("L", (max(s.width for s in strips), sum(s.height for s in strips)), 255)
+    top = 0
+    for strip in strips:
+        canvas.paste(strip, (0, top))
+        top += strip.height
     path = out / "figure4_grid.png"
-    grid(torch.cat(rows), ncol=per_row).save(path)
+    canvas.save(path)
     return path
 
 
