@@ -8,8 +8,9 @@
 #
 #   nohup experiments/clip_sweep.sh >> runs/clip-sweep.log 2>&1 &
 #
-# Resumable like seed_sweep.sh (each `collafuse sweep` skips what is done). Each finished run's small files go to
-# $RESULTS/clip_C/seed_K/cut_NNNN/.
+# Resumable like seed_sweep.sh: a run committed in $RESULTS is skipped, and each `collafuse sweep` skips or resumes
+# what is done in $OUT. Each finished run's small files go to $RESULTS/clip_C/seed_K/cut_NNNN/. Client secrets stay
+# on the machine that drew them: a run made where the paired sweep's secrets are missing draws its own (logged).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/clip-sweep}
@@ -24,26 +25,32 @@ RUNS=${RUNS:-"1:300 4:700 4:900 1:700"}
 SET=(--set "train.rounds=$ROUNDS" --set eval.n_samples=1000 --set eval.n_real=1000)
 export HF_HUB_OFFLINE=1
 secrets="$PAIRED/seed_$SEED/client-secrets.toml"
-[[ -f "$secrets" ]] || { echo "clip_sweep: $secrets is missing (run experiments/seed_sweep.sh first)" >&2; exit 2; }
 for pair in $RUNS; do
   clip=${pair%%:*} cut=${pair##*:}
   sweep_dir="$OUT/clip_$clip"
+  dest=$(printf "%s/clip_%s/seed_%s/cut_%04d" "$RESULTS" "$clip" "$SEED" "$cut")
+  [[ -f $dest/evaluation.json ]] && continue  # committed by an earlier machine
   mkdir -p "$sweep_dir/seed_$SEED"
-  [[ -f "$sweep_dir/seed_$SEED/client-secrets.toml" ]] || cp "$secrets" "$sweep_dir/seed_$SEED/client-secrets.toml"
+  if [[ ! -f "$sweep_dir/seed_$SEED/client-secrets.toml" ]]; then
+    if [[ -f "$secrets" ]]; then
+      cp "$secrets" "$sweep_dir/seed_$SEED/client-secrets.toml"
+    else  # the paired sweep ran on another machine, whose secrets stayed there
+      echo "[clip_sweep] $secrets is missing: C $clip cut $cut draws its own client secrets (not paired)" >&2
+    fi
+  fi
   .venv/bin/collafuse sweep configs/quality.toml --quiet --seeds "$SEED" --cuts "$cut" --out "$sweep_dir" \
     "${SET[@]}" --set "split.upload_clip_norm=$clip"
   run=$(printf "%s/seed_%s/cut_%04d" "$sweep_dir" "$SEED" "$cut")
-  dest=$(printf "%s/clip_%s/seed_%s/cut_%04d" "$RESULTS" "$clip" "$SEED" "$cut")
   mkdir -p "$dest"
   cp "$run"/evaluation.json "$run"/metrics.json "$run"/config.toml "$dest"/
-  cp "$run"/samples_client*.png "$run"/cut_client*.png "$dest"/ 2>/dev/null || true
+  cp "$run"/samples_client*.png "$run"/cut_client*.png "$run"/figure4_client*.png "$dest"/ 2>/dev/null || true
   echo "[clip_sweep] done: C $clip seed $SEED cut $cut -> $dest ($(date -u +%H:%M:%S))"
 done
-# One summary per C over all its cuts (the per-run calls above each summarised one cut); nothing is rerun.
+# One summary per C over all its cuts, from the committed results (`--report-only`: nothing is trained), so runs made
+# on different machines are summarised together: $RESULTS/clip_C/report.md and its seed's report with plots.
 for clip in $(for pair in $RUNS; do echo "${pair%%:*}"; done | sort -un); do
   cuts=$(for pair in $RUNS; do if [[ ${pair%%:*} == "$clip" ]]; then echo "${pair##*:}"; fi; done | paste -sd,)
-  .venv/bin/collafuse sweep configs/quality.toml --quiet --seeds "$SEED" --cuts "$cuts" --out "$OUT/clip_$clip" \
-    "${SET[@]}" --set "split.upload_clip_norm=$clip"
-  cp "$OUT/clip_$clip"/report.md "$OUT/clip_$clip"/metrics.json "$RESULTS/clip_$clip/"
+  .venv/bin/collafuse sweep configs/quality.toml --quiet --report-only --seeds "$SEED" --cuts "$cuts" \
+    --out "$RESULTS/clip_$clip" "${SET[@]}" --set "split.upload_clip_norm=$clip"
   echo "[clip_sweep] summary: $RESULTS/clip_$clip/report.md"
 done

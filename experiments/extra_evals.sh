@@ -9,7 +9,7 @@
 #   nohup experiments/extra_evals.sh >> runs/extra-evals.log 2>&1 &
 #   KINDS=inception CUTS=0,200,1000 experiments/extra_evals.sh
 #
-# Resumable: a run whose output file exists is skipped.
+# Resumable: a run whose output file exists, in $OUT or committed in $RESULTS, is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/seed-sweep-r100}
@@ -29,7 +29,9 @@ for kind in ${KINDS//,/ }; do
   for cut in ${CUTS//,/ }; do
     run=$(printf "%s/seed_%s/cut_%04d" "$OUT" "$SEED" "$cut")
     dest=$(printf "%s/seed_%s/cut_%04d" "$RESULTS" "$SEED" "$cut")
-    [[ -f "$run/evaluation.json" ]] || { echo "extra_evals: $run is not evaluated yet" >&2; exit 2; }
+    [[ -f "$dest/$name" ]] && continue  # committed by an earlier machine
+    [[ -f "$run/evaluation.json" ]] || { echo "extra_evals: $run is not evaluated yet (or its checkpoints stayed" \
+      "on the machine that trained it: $kind needs them)" >&2; exit 2; }
     if [[ ! -f "$run/$name" ]]; then
       start=$(date +%s)
       .venv/bin/collafuse evaluate "$run" --quiet --output "$name" --set eval.n_real=1000 "${SET[@]}"
