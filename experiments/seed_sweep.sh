@@ -30,6 +30,7 @@ ROUNDS=${ROUNDS:-100}
 SEEDS=${SEEDS:-0,1,2}
 CUTS=${CUTS:-0,1000,200,900,990,500,700,300,100,50}  # 900 and 990: where the upload's epsilon gets small
 SUMMARY_SEEDS=${SUMMARY_SEEDS:-$SEEDS}  # the seeds the summary covers (other lanes may run the others)
+SUMMARY_CUTS=${SUMMARY_CUTS:-$CUTS}     # the cuts it covers (a lane may run a few of them, in its own order)
 THREADS=${THREADS:-}  # torch threads per run (empty: torch's default, one per core)
 COMMIT=${COMMIT:-0}   # 1: git-commit each finished run's results and the refreshed summary
 SET=(--set "train.rounds=$ROUNDS" --set eval.n_samples=1000 --set eval.n_real=1000)
@@ -40,8 +41,8 @@ if [[ -n $THREADS ]]; then
 fi
 mkdir -p "$OUT" "$RESULTS"
 summarise() {  # from the committed results alone, whichever machine made each run
-  .venv/bin/collafuse sweep configs/quality.toml --quiet --report-only --seeds "$SUMMARY_SEEDS" --cuts "$CUTS" \
-    --out "$RESULTS" "${SET[@]}" > /dev/null
+  .venv/bin/collafuse sweep configs/quality.toml --quiet --report-only --seeds "$SUMMARY_SEEDS" \
+    --cuts "$SUMMARY_CUTS" --out "$RESULTS" "${SET[@]}" > /dev/null
 }
 commit() {  # only the named paths (git commit --only), whatever else is staged; a busy index is retried
   [[ $COMMIT == 1 ]] || return 0

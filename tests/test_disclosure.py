@@ -16,6 +16,7 @@ from collafuse.disclosure import (
     averaging_attack,
     disclosure_report,
     effective_alpha_bar,
+    exact_seed_attack,
     gaussian_eps_fn,
     gaussian_prior_from_uploads,
     linkage_attack,
@@ -295,3 +296,33 @@ def test_exact_seed_attack_recovers_a_shared_seed_upload_and_fails_on_a_client_s
     assert miss["psnr"] < score_reconstruction(rescale, x0[:8])["psnr"]  # worse than not trying
     assert miss["candidates"] == len(set(seeds) | set(range(16))) * 7
     json.dumps(rep, allow_nan=False)
+
+
+@pytest.mark.parametrize("row_shape", [(1, 28, 28), (3, 5, 5)])
+def test_cpu_normal_stream_is_sequential_so_a_screen_of_rows_is_the_prefix_of_the_whole_stream(row_shape):
+    """What the exact-seed attack's screening relies on: a CPU generator's randn over N rows starts with its randn
+    over the first 512 rows (a multiple of 16, the sampler's block), whatever the row size, also when N * row is not
+    a multiple of 16 (the sampler re-draws only the last block then)."""
+    from collafuse.seeding import generator
+
+    whole = torch.randn((601, *row_shape), generator=generator(7, "client0", "upload"))
+    head = torch.randn((512, *row_shape), generator=generator(7, "client0", "upload"))
+    assert torch.equal(whole[:512], head)
+
+
+def test_exact_seed_attack_screens_candidates_on_a_prefix_and_replays_the_winner_over_the_whole_upload():
+    """1,000 uploads, twice the screen: the planted stream still wins, and the reconstruction of the rows past the
+    screen is the closed-form inversion with that stream (x0 to float precision)."""
+    from collafuse.seeding import generator
+
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.rand((1000, 1, 8, 8), generator=g) * 2 - 1
+    abar = 0.3
+    eps = torch.randn(x0.shape, generator=generator(2, "client4", "upload", 1))
+    u = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
+    x_hat, info = exact_seed_attack(u, abar, "client4", shared_seeds=[0, 1, 2, 3, 4], screen=480)
+    assert info["stream"] == "generator(2, 'client4', 'upload', 1)" and info["screened"] == 480
+    assert info["box_excess"] < 1e-12 < info["median_box_excess"]
+    assert float((x_hat[480:] - x0[480:]).abs().max()) < 1e-5 and float((x_hat - x0).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="screen = 100: must be a positive multiple of 16"):
+        exact_seed_attack(u, abar, "client4", screen=100)
