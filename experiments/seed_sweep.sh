@@ -47,7 +47,10 @@ summarise() {  # from the committed results alone, whichever machine made each r
 commit() {  # only the named paths (git commit --only), whatever else is staged; a busy index is retried
   [[ $COMMIT == 1 ]] || return 0
   for _ in 1 2 3 4 5; do
-    git add -- "$@" && git commit -q --only -m "$MESSAGE" -- "$@" && return 0
+    git add -- "$@" || { sleep 7; continue; }
+    # Nothing new under these paths: the other lane's commit already took this run (it commits seed_*/ too).
+    git diff --quiet HEAD -- "$@" && return 0
+    git commit -q --only -m "$MESSAGE" -- "$@" && return 0
     sleep 7
   done
   echo "[seed_sweep] could not commit $* (commit it by hand)" >&2

@@ -149,7 +149,13 @@ def meta_value(key: str, values=config_values):
     ``steps`` stay below 3: the client would really train that many steps."""
     valid = {"round": st.integers(1, 10**9), "steps": st.integers(0, 2), "loss": st.floats(0, 10),
              "n": st.integers(1, 5), "reason": st.text(max_size=40)}.get(key, st.nothing())
-    return st.one_of(valid, values).map(
+    return capped_steps(key, st.one_of(valid, values))
+
+
+def capped_steps(key: str, values):
+    """``values`` with every valid step count above 2 made 2: a drawn 10**6 (an edge integer) would otherwise be a
+    valid train_request, and the client would train a million steps in the test."""
+    return values.map(
         lambda v: 2 if key == "steps" and isinstance(v, int) and not isinstance(v, bool) and 3 <= v <= 10**7 else v)
 
 
@@ -271,7 +277,7 @@ def one_fault(draw, msg: Message, values=python_values) -> Message:
         meta[key] = draw(meta_value(key, values))
     elif what in ("meta value", "meta type") and meta:
         key = draw(st.sampled_from(sorted(meta)))
-        meta[key] = draw(values if what == "meta value" else st.sampled_from(
+        meta[key] = draw(capped_steps(key, values) if what == "meta value" else st.sampled_from(
             [True, False, float(meta[key]) if isinstance(meta[key], int) else 1, str(meta[key]), None]))
     return Message(kind, sender, receiver, arrays, meta)
 
@@ -391,7 +397,7 @@ def encoded_contents(draw, kinds=ALL_KINDS):
         decodable = field in ("sender", "receiver") and isinstance(envelope[field], str) and envelope[field] != ""
     elif what == "meta":
         key = draw(st.sampled_from(["round", "steps", "loss", "n", "reason", "grad_norm", ""]))
-        envelope[f"meta.{key}"] = draw(config_values)  # decode passes meta on; check_message judges it
+        envelope[f"meta.{key}"] = draw(capped_steps(key, config_values))  # decode passes meta on; check judges it
     elif what == "array" and msg.arrays:
         name = draw(st.sampled_from(sorted(record)))
         arr, src = draw(flower_arrays(name))
@@ -513,6 +519,8 @@ def assert_unchanged(before, after) -> None:
 def deliver(role, msg: Message) -> None:
     """Hand ``msg`` to ``role`` through ``handle_checked``, as every transport does (it catches ProtocolError only,
     so anything else the role raises fails the test); assert the invariants on either outcome."""
+    if msg.kind == "train_request" and allowed_by_table(msg):  # fail fast, never train a million steps (capped_steps)
+        assert msg.meta["steps"] <= 2, f"the strategy drew a valid train_request of {msg.meta['steps']} steps"
     before = snapshot(role)
     log = MessageLog()
     reply = handle_checked(role, msg, log)
