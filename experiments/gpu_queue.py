@@ -77,9 +77,9 @@ def jobs() -> list[dict]:
     for cut in (900, 990, 100, 50):
         out += [job(f"s{s}c{cut}", f"seed_{s}/cut_{cut:04d}", s, cut) for s in (1, 2)]
     out.append(job("clip1c700", "clip_1/seed_0/cut_0700", 0, 700, clip=1.0))
-    done = [j for j in out if (RESULTS / j["dest"] / ("evaluation-ddpm.json" if j["ddpm"] else "evaluation.json"))
-            .is_file()]
-    return [job("smoke", "smoke", 9, 500, clip=1.0, ddpm=True, smoke=True)] + [j for j in out if j not in done]
+    todo = [j for j in out
+            if not (RESULTS / j["dest"] / ("evaluation-ddpm.json" if j["ddpm"] else "evaluation.json")).is_file()]
+    return [job("smoke", "smoke", 9, 500, clip=1.0, ddpm=True, smoke=True), *todo]
 
 
 def commands(j: dict) -> list[list[str]]:
@@ -103,7 +103,7 @@ def run_dir(j: dict) -> Path:
     return WORK / "runs" / j["name"] / f"seed_{j['seed']}" / f"cut_{j['cut']:04d}"
 
 
-pack_lock = threading.Lock()
+lock = threading.Lock()  # the queue and the tarball
 state = {"failed": False, "longest": 0.0, "procs": {}}
 t_start = time.time()
 
@@ -117,7 +117,7 @@ def log(msg: str) -> None:
 
 def pack() -> None:
     """Re-pack the staging tree into $OUT/results.tgz (written aside, then renamed: never half a file)."""
-    with pack_lock:
+    with lock:
         tmp = OUT / ".results.tgz.tmp"
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(STAGE, arcname=".")
@@ -139,7 +139,7 @@ def worker(queue: list[dict]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     while True:
-        with pack_lock:
+        with lock:
             if not queue or state["failed"]:
                 return
             elapsed = time.time() - t_start

@@ -423,8 +423,9 @@ def exact_seed_attack(uploads: torch.Tensor, abar_s: float, node_id: str,
     Each candidate is scored on the first ``screen`` uploads only, then the winner is replayed over the whole upload.
     That is the same search: a CPU generator fills a tensor from one sequential stream, so the noise of the first
     ``screen`` rows is the first rows of the whole stream (for a multiple of 16 rows; tests/test_disclosure.py
-    checks it on this torch), and a wrong stream leaves the box by the same margin on any 512 images. It costs one
-    stream of the whole upload instead of one per candidate (~220 of them: 3.6 G normal draws per client).
+    checks it on this torch), and a wrong stream leaves the box by the same margin on the screened images as on all.
+    It costs one stream of the whole upload instead of one per candidate (~220 of them: 3.6 G normal draws per
+    client).
 
     Args:
         uploads (`torch.Tensor`): [N, C, H, W] one client's whole upload, in order (the stream covers all of it).
