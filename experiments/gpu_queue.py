@@ -25,7 +25,9 @@ Measured on 2026-12-04 (one H200, torch 2.11 + CUDA 13): the GPU is the bottlene
 reached round 87 of 100 in 500 s (about 1.6 rounds/s over all jobs: one 100-round run per ~65 s of the GPU), were
 killed by the deadline and, resumed from their checkpoints on the still-warm machine, ended 136 s later; an
 evaluation then takes ~40 s. Fewer workers end runs sooner at the same throughput, hence WORKERS = 4: plan about
-7 runs for a 15-minute lease.
+7 runs for a 15-minute lease. A second lease (WORKERS=6 DEADLINE=545 SKIP=clip1c700: the three DDPM replicates and
+seeds 1 and 2 at cut 990 at once) ended four in 315-500 s; the fifth's DDPM-1000 evaluation, killed at the deadline,
+took 58 s alone on the card. A DDPM-1000 evaluation at batch 1,000 costs 30-90 s of the GPU (3,000 images).
 
     device run (carry .whl .devdata; see results/fashion-mnist-seeds/README.md for how they are made):
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
@@ -53,6 +55,7 @@ WORKERS = int(os.environ.get("WORKERS", "4"))
 THREADS = os.environ.get("THREADS", "4")  # torch threads per job (16 cores)
 RESULTS = ROOT / os.environ.get("RESULTS", "results/fashion-mnist-seeds")
 DEADLINE = float(os.environ.get("DEADLINE", "470"))  # seconds after start
+SKIP = set(filter(None, os.environ.get("SKIP", "").split(",")))  # job names left to another machine (e.g. clip1c700)
 TINY = os.environ.get("TINY") == "1"  # a dry run: 2 rounds, 64 samples (checks the plumbing, not the numbers)
 SMALL_FILES = ("evaluation.json", "evaluation-ddpm.json", "metrics.json", "config.toml")
 STRIPS = ("samples_client", "cut_client", "figure4_client")
@@ -77,8 +80,12 @@ def jobs() -> list[dict]:
     for cut in (900, 990, 100, 50):
         out += [job(f"s{s}c{cut}", f"seed_{s}/cut_{cut:04d}", s, cut) for s in (1, 2)]
     out.append(job("clip1c700", "clip_1/seed_0/cut_0700", 0, 700, clip=1.0))
-    todo = [j for j in out
-            if not (RESULTS / j["dest"] / ("evaluation-ddpm.json" if j["ddpm"] else "evaluation.json")).is_file()]
+    def committed(j: dict) -> bool:
+        if not j["ddpm"]:
+            return (RESULTS / j["dest"] / "evaluation.json").is_file()
+        # a DDPM-1000 job whose run was re-trained to be sampled (the first training's files stay beside it)
+        return any((RESULTS / j["dest"] / sub / "evaluation-ddpm.json").is_file() for sub in (".", "ddpm-run"))
+    todo = [j for j in out if j["name"] not in SKIP and not committed(j)]
     return [job("smoke", "smoke", 9, 500, clip=1.0, ddpm=True, smoke=True), *todo]
 
 
