@@ -11,7 +11,10 @@ skipped when its results are already committed under results/fashion-mnist-seeds
    measures how far a GPU run lands from the CPU run of the same seed;
 2. the seed-sweep runs still missing (same recipe as experiments/seed_sweep.sh: configs/quality.toml at 100
    rounds, 1,000 samples per client against 1,000 held-out images), cuts 900 and 990 before 100 and 50;
-3. C = 1 at cut 700 (part 5; `split.upload_clip_norm = 1`, seed 0, its own client secrets).
+3. C = 1 at cut 700 (part 5; `split.upload_clip_norm = 1`, seed 0, its own client secrets);
+4. the rest of the DDPM-1000 grid: every cut x seed re-trained on the GPU and scored with both samplers, into
+   gpu-replicate/seed_K/cut_NNNN/ like item 1, the baselines and cut 200 of seeds 0 and 2 first (what H1 compares),
+   then the other cuts. About 2.5 minutes of the card per run: a 15-minute lease does 4-5 of the 27.
 
 WORKERS jobs run at once, each a plain `python3 -m collafuse sweep ...` on `--device cuda`. A job that ends copies its
 small files (evaluation*.json, metrics.json, config.toml, sample strips, its log) into the staging tree, laid out
@@ -80,6 +83,8 @@ def jobs() -> list[dict]:
     for cut in (900, 990, 100, 50):
         out += [job(f"s{s}c{cut}", f"seed_{s}/cut_{cut:04d}", s, cut) for s in (1, 2)]
     out.append(job("clip1c700", "clip_1/seed_0/cut_0700", 0, 700, clip=1.0))
+    for cut in (1000, 0, 200, 500, 900, 300, 100, 700, 50, 990):
+        out += [job(f"ddpm-s{s}c{cut}", f"gpu-replicate/seed_{s}/cut_{cut:04d}", s, cut, ddpm=True) for s in (0, 2, 1)]
     def committed(j: dict) -> bool:
         if not j["ddpm"]:
             return (RESULTS / j["dest"] / "evaluation.json").is_file()

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# What is left of issue 11 on a 2-core CPU machine, in one resumable queue:
+# Issue 11's sweep on a 2-core CPU machine, in one resumable queue:
 #   1. the seed-sweep runs of seeds 1 and 2 not yet committed, in two lanes (one seed each, one thread each: 1.24x
 #      the throughput of one run at two threads), cut by cut in CUTS order, each run committed as it ends and the
 #      summary over seeds 0-2 refreshed from the committed results (experiments/seed_sweep.sh);
-#   2. the last clipped run, C = 1 at cut 700 (experiments/clip_sweep.sh);
-#   3. DDPM-1000 evaluations of cuts 0, 200 and 1000 of DDPM_SEED (default 1). They need that seed's checkpoints on
-#      this machine (checkpoints are not committed) and about an hour each here; on a lent GPU,
-#      experiments/gpu_queue.py trains and scores them in minutes (gpu-replicate/seed_1/).
-# Everything already committed under results/fashion-mnist-seeds/ is skipped (earlier machines made seed 0, the
-# Inception FIDs, the FID floors, three clipped runs and, on an H200, eight runs: results/fashion-mnist-seeds/
-# README.md), so after a crash, a kill or a change of machine the same command goes on.
+#   2. the clipped runs (experiments/clip_sweep.sh).
+# DDPM-1000 evaluations are not in it: they need a run's checkpoints (not committed) and hours per run here; on a
+# lent GPU, experiments/gpu_queue.py re-trains and scores them (gpu-replicate/seed_K/, 2.5 minutes of an H200 each).
+# A single run's DDPM-1000 on this machine: KINDS=ddpm SEED=K CUTS=... experiments/extra_evals.sh.
+# Everything already committed under results/fashion-mnist-seeds/ is skipped (as of this writing every run of the
+# sweep and of the clipped variants is, made on several machines: results/fashion-mnist-seeds/README.md), so after
+# a crash, a kill or a change of machine the same command goes on.
 #
 #   nohup experiments/issue11_queue.sh >> runs/issue11-queue.log 2>&1 &
 set -euo pipefail
@@ -20,5 +20,4 @@ lane 1 & one=$!
 lane 2 & two=$!
 wait $one && wait $two
 experiments/clip_sweep.sh
-KINDS=ddpm SEED=${DDPM_SEED:-1} CUTS=0,200,1000 experiments/extra_evals.sh
 echo "[issue11_queue] all done ($(date -u +%H:%M:%S))"
