@@ -80,8 +80,8 @@ def _reason(v):
         return False
 
 
-ROUND, STEPS, N = _int_in(1, 10**9), _int_in(0, 10**7), _int_in(1, 10**6)
-X_CUT, Y = (torch.float32, 4), (torch.int64, 1)
+ROUND, STEPS, N, IMAGES = _int_in(1, 10**9), _int_in(0, 10**7), _int_in(1, 10**6), _int_in(1, 10**9)
+X_CUT, Y, WEIGHTS = (torch.float32, 4), (torch.int64, 1), (torch.float32, 1)
 TABLE = {  # kind: (direction, arrays, {meta key: (required, allowed)})
     "upload_request": ("s2c", {}, {"round": (True, ROUND)}),
     "upload": ("c2s", {"x_cut": X_CUT, "y": Y}, {"round": (True, ROUND)}),
@@ -94,6 +94,15 @@ TABLE = {  # kind: (direction, arrays, {meta key: (required, allowed)})
     "error": ("any", {}, {"reason": (True, _reason)}),
     "join_request": ("s2c", {}, {}),
     "join": ("c2s", {}, {}),
+    "model_push": ("s2c", {"weights": WEIGHTS}, {"round": (True, ROUND), "steps": (True, STEPS)}),
+    "model_update": ("c2s", {"weights": WEIGHTS}, {"round": (True, ROUND), "steps": (True, STEPS),
+                                                   "examples": (True, IMAGES), "loss": (False, _loss)}),
+}
+# Which kinds each split.algorithm lets cross: weights only under fedavg, and only weights there.
+MODE_KINDS = {
+    "collafuse": {"upload_request", "upload", "train_request", "train_reply", "sample_request", "sample_response",
+                  "sample_order", "sample_done", "error", "join_request", "join"},
+    "fedavg": {"model_push", "model_update", "train_reply", "error", "join_request", "join"},
 }
 
 
@@ -101,9 +110,9 @@ def _is_client(node) -> bool:
     return isinstance(node, str) and re.fullmatch(r"client(0|[1-9][0-9]{0,8})", node) is not None
 
 
-def allowed_by_table(msg: Message) -> bool:
-    """The table's verdict on a message, independent of protocol.check_message."""
-    if not isinstance(msg.kind, str) or msg.kind not in TABLE:
+def allowed_by_table(msg: Message, algorithm: str = "collafuse") -> bool:
+    """The table's verdict on a message under ``algorithm``, independent of protocol.check_message."""
+    if not isinstance(msg.kind, str) or msg.kind not in TABLE or msg.kind not in MODE_KINDS[algorithm]:
         return False
     direction, arrays, meta = TABLE[msg.kind]
     c2s = msg.receiver == SERVER and _is_client(msg.sender)
@@ -148,7 +157,8 @@ def meta_value(key: str, values=config_values):
     """A value for a meta key: often one the table allows (so accepted paths run too), else a hostile one. Valid
     ``steps`` stay below 3: the client would really train that many steps."""
     valid = {"round": st.integers(1, 10**9), "steps": st.integers(0, 2), "loss": st.floats(0, 10),
-             "n": st.integers(1, 5), "reason": st.text(max_size=40)}.get(key, st.nothing())
+             "n": st.integers(1, 5), "reason": st.text(max_size=40),
+             "examples": st.integers(1, 100)}.get(key, st.nothing())
     return capped_steps(key, st.one_of(valid, values))
 
 
@@ -229,6 +239,8 @@ def _valid_tensor(name: str, b: int, sender: str, seed: int) -> torch.Tensor:
     g = _rng(seed)
     if name == "x_cut":
         return torch.randn((b, 1, 28, 28), generator=g)
+    if name == "weights":
+        return torch.randn((b,), generator=g)
     lo = 5 if sender == "client1" else 0  # the tiny config's class groups: client0 holds 0-4, client1 5-9
     return torch.randint(lo, lo + 5, (b,), generator=g, dtype=torch.int64)
 
@@ -576,6 +588,20 @@ def test_check_message_agrees_with_the_table(msg):
         event("refused")
         return
     assert allowed_by_table(msg)
+    event("accepted")
+
+
+@fuzz("check_message")
+@given(messages())
+def test_check_message_under_fedavg_agrees_with_the_table(msg):
+    try:
+        check_message(msg, "fedavg")
+    except ProtocolError as e:
+        assert not allowed_by_table(msg, "fedavg"), f"an allowed message was refused: {e}"
+        assert len(str(e).encode()) <= 1024 and "\n" not in str(e)
+        event("refused")
+        return
+    assert allowed_by_table(msg, "fedavg")
     event("accepted")
 
 

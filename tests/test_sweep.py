@@ -12,7 +12,8 @@ import tomli_w
 import torch
 
 from collafuse.cli import main
-from collafuse.config import ConfigError
+from collafuse.compute import build_node_model
+from collafuse.config import ConfigError, load_config
 from collafuse.sweep import parse_cuts
 from collafuse.sweep_report import hypotheses
 from conftest import TINY, merge
@@ -234,3 +235,27 @@ def test_bad_seed_arguments_are_one_line_errors(sweep_toml, tmp_path, capsys, ar
     assert main(["sweep", str(sweep_toml), "--cuts", "6", "--out", str(tmp_path / "x"), "--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+
+def test_a_fedavg_run_is_trained_evaluated_and_accounted_as_the_whole_model_on_every_client(sweep_toml, tmp_path):
+    """split.algorithm = fedavg through `collafuse sweep`: every client trains and samples with the global (server)
+    architecture over all T steps, the server trains nothing, only weights cross, and the disclosure section says
+    what the server holds instead of attacking image views that never crossed."""
+    out = tmp_path / "fedavg"
+    assert main(["sweep", str(sweep_toml), "--cuts", str(T), "--out", str(out), "--quiet",
+                 "--set", "split.algorithm=fedavg"]) == 0
+    run = out / f"cut_{T:04d}"
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert "fedavg" in ev["disclosure"]["skipped"] and "weights" in ev["disclosure"]["skipped"]
+    assert all(ev["fidelity"]["per_client"][c]["vs_test"]["fid"] >= 0 for c in ("client0", "client1"))
+    log = [json.loads(line) for line in (run / "message_log.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in log} == {"model_push", "model_update", "train_reply"}
+    # Every weights array holds the server architecture's parameter count; each client trains that model.
+    server_model, _ = build_node_model(load_config(sweep_toml), "server")
+    n = sum(p.numel() for p in server_model.parameters())
+    assert all(a["shape"] == [n] for r in log for a in r["arrays"])
+    per_step = ev["compute"]["flops"]["per_step"]
+    assert per_step["client"]["params"] == per_step["server"]["params"] == n
+    training = ev["compute"]["flops"]["training"]
+    assert training["server"]["flops"] == 0 and training["client"]["flops"] > 0

@@ -10,12 +10,13 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from . import fedavg
 from .accounting import clip_images
 from .config import Config
 from .data import ClientData
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
-from .models import LabelEncoder, node_model, predict_eps
+from .models import client_labels, client_model_config, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
 from .seeding import ClientSecret, SecretError
 from .transport import Transport
@@ -44,18 +45,24 @@ class Client:
         self.data = data
         self.device = torch.device(device or cfg.run.device)
         self.schedule = DiffusionSchedule(cfg.diffusion)
-        self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, cfg.client_model.condition_on_class, False)
+        # FedAvg: the client trains a copy of the global model (the server-model architecture, every step 1..T,
+        # cfg.cut = T), so its label encoding is the server model's, its own index included where that embeds it.
+        self.fedavg = cfg.split.algorithm == "fedavg"
+        model_cfg = client_model_config(cfg)
+        self.labels = client_labels(cfg)
+        self._label_client = index if self.fedavg else 0
         # Every stream of this client comes from its secret (seeding.py): the server holds cfg and the node id,
         # so a stream derived from them alone would let it rebuild the upload noise and recover x0 exactly.
         # The public [seeds] still enter as names, so changing a seed in the config changes the stream.
         self._secret = secret if secret is not None else ClientSecret.new()
         self._secret_given = secret is not None
         seeds = cfg.seeds
-        model = node_model(cfg.client_model, self.labels, self._secret.seed("init", seeds.init), self.node_id,
+        model = node_model(model_cfg, self.labels, self._secret.seed("init", seeds.init), self.node_id,
                            cfg.image_shape)
         self.learner = Learner(model, cfg.train, self._secret.generator("noise", seeds.noise),
                                self._secret.generator("sample", seeds.sample), str(self.device),
-                               total_steps=cfg.train.rounds * cfg.train.client_steps)
+                               total_steps=cfg.train.rounds * cfg.train.client_steps, ema_per_step=not self.fedavg)
+        self.pushed_round = 0  # FedAvg: the round of the last global weights applied (0: none yet)
         self._loss_w = self.schedule.loss_weights(range(1, self.cut + 1), cfg.train.min_snr_gamma) \
             if self.cut >= 1 else None
         self._upload: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (view number, u, y)
@@ -103,7 +110,7 @@ class Client:
         t = lr.randint(1, self.cut + 1, len(idx))
         eps = lr.randn(x0.shape)
         x_t = self.schedule.noise(x0, eps, t)
-        ids = self.labels.drop(self.labels.encode(y), self.cfg.train.cond_drop_prob, lr.rng)
+        ids = self.labels.drop(self.labels.encode(y, self._label_client), self.cfg.train.cond_drop_prob, lr.rng)
         weights = None if self._loss_w is None else self._loss_w[t.cpu()]
         return lr.step(x_t, t - 1, ids, eps, weights)
 
@@ -119,6 +126,37 @@ class Client:
             self.last_loss = self.train(steps)
             self.rounds_done = round_
         return self.last_loss
+
+    # -- FedAvg -------------------------------------------------------------------------------------------------------
+    def apply_global(self, round_: int, weights: torch.Tensor) -> None:
+        """Load the global weights of ``round_`` into the model (once per round) and fold them into the EMA of the
+        global weights (collafuse.fedavg). Adam's moments are this client's own and stay as they are."""
+        if round_ <= self.pushed_round:
+            return  # a repeated push: the weights were applied already
+        try:
+            fedavg.load_flat(self.learner.model, weights)
+        except ValueError as e:
+            raise ProtocolError(f"model_push to {self.node_id}: {e}") from None
+        lr = self.learner
+        fedavg.ema_update(lr.ema.shadow_params, list(lr.model.parameters()),
+                          self.cfg.train.ema_decay ** max(self.cfg.train.client_steps, 1), first=self.pushed_round == 0)
+        lr._ema_model = None
+        self.pushed_round = round_
+
+    def fedavg_round(self, msg: Message) -> Message:
+        """Answer a ``model_push``: apply the global weights, train K local steps on t = 1..T and return the new
+        weights with this client's number of training images (FedAvg's weight). ``steps = 0`` only hands over the
+        final average, answered by a ``train_reply``. A repeated push (at-least-once delivery) neither re-applies
+        the weights nor trains again: it gets the same answer."""
+        round_, steps = int(msg.meta["round"]), int(msg.meta["steps"])
+        self.apply_global(round_, msg.arrays["weights"])
+        if steps == 0:
+            return Message("train_reply", self.node_id, SERVER, meta={"round": round_, "steps": 0})
+        loss = self.train_round(round_, steps)
+        meta = {"round": round_, "steps": steps, "examples": len(self.data.train_y)}
+        if not math.isnan(loss):
+            meta["loss"] = loss
+        return Message("model_update", self.node_id, SERVER, {"weights": fedavg.flatten(self.learner.model)}, meta)
 
     def handle(self, msg: Message) -> Message | None:
         """Answer the server's instructions. Only the upload (x_cut, y), an aggregate loss and the labels of a
@@ -146,6 +184,8 @@ class Client:
             self.finished.append({"x0": x0.cpu(), "x_cut": msg.arrays["x_cut"].cpu(), "y": y.cpu()})
             self._pending_y = None
             return Message("sample_done", self.node_id, SERVER, meta={"n": len(y)})
+        if msg.kind == "model_push":
+            return self.fedavg_round(msg)
         if msg.kind == "join_request":
             return Message("join", self.node_id, SERVER)
         if msg.kind == "error":
@@ -169,7 +209,7 @@ class Client:
         sched = self.schedule.sampler(sp.sampler, self.cut, sp.ddim_steps)
         _, steps = split_timesteps(sched.timesteps, self.cut)
         model = self.learner.sampling_model(sp.use_ema)
-        ids = self.labels.encode(y.to(self.device))
+        ids = self.labels.encode(y.to(self.device), self._label_client)
 
         def eps_fn(x, t):
             with self.learner.forward_mode():
@@ -212,6 +252,8 @@ class Client:
         tensors, meta = self.learner.state()
         tensors["secret"] = self._secret.tensor()  # this client's own checkpoint file only, never the server's
         meta["rounds_done"] = self.rounds_done
+        if self.fedavg:
+            meta["pushed_round"] = self.pushed_round
         meta["last_loss"] = None if math.isnan(self.last_loss) else self.last_loss
         if self._pending_y is not None:
             tensors["pending_y"] = self._pending_y.contiguous()
@@ -229,5 +271,6 @@ class Client:
         self._upload = None
         self.learner.load_state(tensors, meta)
         self.rounds_done = int(meta.get("rounds_done", 0))  # 0 for checkpoints from before the field
+        self.pushed_round = int(meta.get("pushed_round", 0))
         self.last_loss = math.nan if meta.get("last_loss") is None else float(meta["last_loss"])
         self._pending_y = tensors.get("pending_y")

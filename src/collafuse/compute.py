@@ -37,7 +37,7 @@ from .client import Client
 from .config import Config
 from .data import ClientData
 from .diffusion import DiffusionSchedule, split_timesteps
-from .models import LabelEncoder, count_params, node_model, predict_eps
+from .models import LabelEncoder, client_labels, client_model_config, count_params, node_model, predict_eps
 from .protocol import SERVER, client_node
 from .server import Server
 
@@ -102,8 +102,8 @@ def node_labels(cfg: Config, node: Node) -> LabelEncoder:
     if node == "server":
         m = cfg.server_model
         return LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
-    if node == "client":  # a client model never embeds the client id (config validation enforces it)
-        return LabelEncoder(cfg.num_classes, cfg.data.num_clients, cfg.client_model.condition_on_class, False)
+    if node == "client":
+        return client_labels(cfg)
     raise ValueError(f"node = {node!r} is invalid (allowed: 'server', 'client')")
 
 
@@ -115,7 +115,7 @@ def build_node_model(cfg: Config, node: Node) -> tuple[torch.nn.Module, LabelEnc
         node (`"server"` or `"client"`): which role's model; every client has the same architecture.
     """
     labels = node_labels(cfg, node)
-    model_cfg = cfg.server_model if node == "server" else cfg.client_model
+    model_cfg = cfg.server_model if node == "server" else client_model_config(cfg)
     return node_model(model_cfg, labels, cfg.seeds.init, SERVER if node == "server" else client_node(0),
                       cfg.image_shape), labels
 
@@ -159,7 +159,7 @@ class NodeFlops:
 
 
 def _node_key(cfg: Config, node: Node, labels: LabelEncoder, batch_size: int) -> str:
-    model_cfg = cfg.server_model if node == "server" else cfg.client_model
+    model_cfg = cfg.server_model if node == "server" else client_model_config(cfg)
     g = guidance_factor(labels, cfg.sample.guidance_scale)
     return json.dumps({"model": dataclasses.asdict(model_cfg), "num_embeds": labels.num_embeds,
                        "image_shape": list(cfg.image_shape), "batch_size": batch_size, "guidance_factor": g},

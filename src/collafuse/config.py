@@ -75,6 +75,11 @@ class DiffusionConfig:
 
 @dataclass
 class SplitConfig:
+    # "collafuse": the split of the chain below. "fedavg": the baseline a consortium would pick instead (McMahan et
+    # al. 2017; FedDiffuse, arXiv 2406.12575): every client trains the whole chain t = 1..T on its own images with a
+    # copy of the server-model architecture, the server averages the weights (weighted by client data size) and
+    # sends the average back; no image or noised view crosses, weights do. The cut is ignored (it resolves to T).
+    algorithm: Literal["collafuse", "fedavg"] = "collafuse"
     # The cut point t_zeta: the client owns t = 1..cut, the server t = cut+1..T.
     # cut = 0: one global server model (GM baseline); cut = T: independent client models (ICM baseline).
     cut: int | None = None  # as a step, 0..T
@@ -200,7 +205,10 @@ class Config:
 
     @property
     def cut(self) -> int:
-        """The resolved cut point as a step in 0..T (validated by ``validate``)."""
+        """The resolved cut point as a step in 0..T (validated by ``validate``); T under FedAvg, where every client
+        runs the whole chain."""
+        if self.split.algorithm == "fedavg":
+            return self.diffusion.timesteps
         if self.split.cut is not None:
             return self.split.cut
         if self.split.cut_ratio is not None:
@@ -227,6 +235,8 @@ class Config:
             if ident["data"][key] == default:
                 del ident["data"][key]
         ident["split"] = {"cut": self.cut}
+        if self.split.algorithm != "collafuse":  # only when set, so runs from before the option keep their hash
+            ident["split"]["algorithm"] = self.split.algorithm
         if self.split.fresh_upload_noise:  # only when on, so runs from before the option keep their hash
             ident["split"]["fresh_upload_noise"] = True
         if self.split.upload_clip_norm is not None:  # the same: the server trains on what was uploaded
@@ -242,7 +252,8 @@ class Config:
             section = {k: v for k, v in dataclasses.asdict(getattr(self, f.name)).items() if v is not None}
             out[f.name] = section
         # resolved: a ratio is written as the step it resolved to
-        out["split"] = {"cut": self.cut, "fresh_upload_noise": self.split.fresh_upload_noise,
+        out["split"] = {"algorithm": self.split.algorithm, "cut": self.cut,
+                        "fresh_upload_noise": self.split.fresh_upload_noise,
                         "max_upload_images": self.split.max_upload_images}
         if self.split.upload_clip_norm is not None:
             out["split"]["upload_clip_norm"] = self.split.upload_clip_norm
@@ -475,6 +486,11 @@ def validate(cfg: Config) -> None:
     _require(s.max_upload_images >= 1, "split.max_upload_images", s.max_upload_images, "an integer >= 1")
     _require(s.upload_clip_norm is None or (isinstance(s.upload_clip_norm, (int, float)) and s.upload_clip_norm > 0),
              "split.upload_clip_norm", s.upload_clip_norm, "a number > 0, or unset for no clipping")
+    if s.algorithm == "fedavg":  # nothing is uploaded under FedAvg: an upload setting would be silently ignored
+        _require(not s.fresh_upload_noise, "split.fresh_upload_noise", s.fresh_upload_noise,
+                 "false with split.algorithm = 'fedavg' (nothing is uploaded)")
+        _require(s.upload_clip_norm is None, "split.upload_clip_norm", s.upload_clip_norm,
+                 "unset with split.algorithm = 'fedavg' (nothing is uploaded)")
     _require(cfg.run.threads >= 0, "run.threads", cfg.run.threads, "an integer >= 0")
     ev = cfg.eval
     for key in ("n_samples", "disclosure_n", "distractors"):

@@ -32,6 +32,7 @@ from .config import Config, ConfigError
 from .disclosure import disclosure_report
 from .features import get_extractor
 from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
+from .models import client_model_config
 from .protocol import SERVER
 from .runner import Federation, load_run
 from .seeding import generator
@@ -118,8 +119,8 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
             "vs_test": fid_kid_from_features(test_f, fake_f, extractor) if test_f is not None else None,
             # requested: the labels the samples were drawn for, so a right histogram of wrong labels shows
             "label_mix": compare_label_mix(fake, classifier, c.data.train_y, cfg.num_classes,
-                                           requested=samples[c.index]["y"] if cfg.client_model.condition_on_class
-                                           else None),
+                                           requested=samples[c.index]["y"]
+                                           if client_model_config(cfg).condition_on_class else None),
         }
         all_fake.append(fake_f)
         all_real.append(test_f if test_f is not None else train_f)
@@ -129,6 +130,9 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
 
 def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
     cfg, server = fed.cfg, fed.server
+    if cfg.split.algorithm == "fedavg":  # no image view crosses; what does (weights) is out of these attacks' scope
+        return {"skipped": "fedavg: no image or noised view crosses; the server holds every client's weights after "
+                           "every round (gradient and weight inversion are out of scope, not shown to be safe)"}
     if not server.trains:
         return {"skipped": f"cut = T = {cfg.diffusion.timesteps}: nothing crosses, the server learns nothing"}
     abar = float(server.schedule.alpha_bar[cfg.cut])

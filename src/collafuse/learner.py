@@ -42,10 +42,12 @@ class Learner:
         device (`str`): where the model runs.
         total_steps (`int`, defaults to 0): the node's training steps over the whole run (rounds x steps per round),
             the length of a cosine learning-rate schedule.
+        ema_per_step (`bool`, defaults to True): update the EMA weights after every step. A FedAvg client does not:
+            its EMA follows the averaged global weights instead, once per round (collafuse.fedavg).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, rng: torch.Generator, sample_rng: torch.Generator,
-                 device: str = "cpu", total_steps: int = 0):
+                 device: str = "cpu", total_steps: int = 0, ema_per_step: bool = True):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.cfg = cfg
@@ -60,6 +62,7 @@ class Learner:
             self.lr_scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                               num_training_steps=max(total_steps, cfg.lr_warmup_steps + 1))
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay)
+        self.ema_per_step = ema_per_step
         self.steps = 0
         self._ema_model: torch.nn.Module | None = None
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -103,7 +106,8 @@ class Learner:
         self.optimizer.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        self.ema.step(self.model.parameters())
+        if self.ema_per_step:
+            self.ema.step(self.model.parameters())
         self.steps += 1
         self._ema_model = None
         return loss.item()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .seeding import derive_seed
 
 
@@ -42,6 +42,20 @@ class LabelEncoder:
             return ids
         mask = torch.rand(ids.shape, generator=generator, device=generator.device).to(ids.device) < prob
         return torch.where(mask, torch.full_like(ids, self.null_id), ids)
+
+
+def client_model_config(cfg: Config) -> ModelConfig:
+    """The architecture a client trains: its own small model, or under FedAvg a copy of the global (server) model."""
+    return cfg.server_model if cfg.split.algorithm == "fedavg" else cfg.client_model
+
+
+def client_labels(cfg: Config) -> LabelEncoder:
+    """A client's label encoder. A CollaFuse client model never embeds the client id (config validation enforces
+    it); a FedAvg client encodes labels exactly as the global model does, its own index included where that
+    embeds it."""
+    m = client_model_config(cfg)
+    return LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class,
+                        cfg.split.algorithm == "fedavg" and m.condition_on_client)
 
 
 def build_unet(cfg: ModelConfig, num_embeds: int | None, seed: int, in_channels: int = 1, size: int = 28):

@@ -16,6 +16,14 @@ against it, so x0, epsilon, client weights or gradients cannot leave a node by a
 | error           | either           | -                                   | reason                 |
 | join_request    | server -> client | -                                   | -                      |
 | join            | client -> server | -                                   | -                      |
+| model_push      | server -> client | weights float32 [P]                 | round, steps           |
+| model_update    | client -> server | weights float32 [P]                 | round, steps, examples, loss? |
+
+Which kinds may cross depends on ``split.algorithm`` (``KINDS``): under ``collafuse`` weights never cross (the
+last two rows are refused); under ``fedavg`` (the federated-averaging baseline) only weights cross: the server
+pushes the global model (``model_push``; ``steps = 0`` hands over the final average, answered by a
+``train_reply``), each client trains K steps and returns its weights and its number of training images
+(``model_update``), and no upload, hand-off or sampling message is allowed. ``error`` and ``join`` are common.
 
 Meta values are typed and bounded (``bool`` is never a number, and no other key is allowed):
 
@@ -26,6 +34,7 @@ Meta values are typed and bounded (``bool`` is never a number, and no other key 
 | loss   | float (an int is refused) | finite, >= 0 (a mean squared error); omitted when nothing trained   |
 | n      | int                       | [1, 10**6]                                                          |
 | reason | str                       | at most 1024 bytes of UTF-8                                         |
+| examples | int                     | [1, 10**9] (a client's training images: FedAvg's weight)           |
 
 Arrays are float32 / int64 on the wire in little-endian byte order (the Flower codec checks the bytes, not only
 the declared dtype). Node ids are ``server``, ``client<N>`` (N decimal, no leading zeros, at most 9 digits) and,
@@ -154,6 +163,7 @@ ROUND = MetaRule(int, 1, 10**9)
 STEPS = MetaRule(int, 0, 10**7)
 LOSS = MetaRule(float, 0.0, required=False)  # a client that owns no step (cut = 0) or took none omits it
 COUNT = MetaRule(int, 1, 10**6)
+EXAMPLES = MetaRule(int, 1, 10**9)
 REASON = MetaRule(str, max_bytes=MAX_REASON_BYTES)
 
 
@@ -193,6 +203,16 @@ SPECS: dict[str, MessageSpec] = {
     "error": MessageSpec("any", {}, {"reason": REASON}),
     "join_request": MessageSpec("s2c", {}),
     "join": MessageSpec("c2s", {}),
+    "model_push": MessageSpec("s2c", {"weights": (torch.float32, 1)}, {"round": ROUND, "steps": STEPS}),
+    "model_update": MessageSpec("c2s", {"weights": (torch.float32, 1)},
+                                {"round": ROUND, "steps": STEPS, "examples": EXAMPLES, "loss": LOSS}),
+}
+
+_COMMON = ("error", "join_request", "join")
+# What may cross under each split.algorithm: weights only under fedavg, and nothing but weights there.
+KINDS: dict[str, frozenset[str]] = {
+    "collafuse": frozenset(k for k in SPECS if not k.startswith("model_")),
+    "fedavg": frozenset(("model_push", "model_update", "train_reply", *_COMMON)),
 }
 
 
@@ -248,14 +268,24 @@ def _names(names) -> str:
     return "[" + ", ".join(shown) + (", ..." if len(names) > 8 else "") + "]"
 
 
-def check_message(msg: Message) -> None:
+def check_message(msg: Message, algorithm: str = "collafuse") -> None:
     """Raise ``ProtocolError`` unless ``msg`` is an allowed kind, direction, set of arrays and meta.
 
-    Any object is checked without raising anything else, so a receiver can call it on what it decoded."""
+    Any object is checked without raising anything else, so a receiver can call it on what it decoded.
+
+    Args:
+        msg (`Message`): the message, from any source.
+        algorithm (`str`, defaults to ``"collafuse"``): the run's ``split.algorithm``; the kinds it allows
+            (``KINDS``) are the only ones that pass.
+    """
     kind = msg.kind
-    spec = SPECS.get(kind) if isinstance(kind, str) else None
+    allowed = KINDS.get(algorithm)
+    if allowed is None:
+        raise ProtocolError(f"algorithm {show(algorithm)} is not allowed (allowed: {', '.join(KINDS)})")
+    spec = SPECS.get(kind) if isinstance(kind, str) and kind in allowed else None
     if spec is None:
-        raise ProtocolError(f"message kind {show(kind)} is not allowed (allowed: {', '.join(SPECS)})")
+        raise ProtocolError(f"message kind {show(kind)} is not allowed under {algorithm} (allowed: "
+                            f"{', '.join(k for k in SPECS if k in allowed)})")
     sender, receiver = msg.sender, msg.receiver
     c2s = receiver == SERVER and is_client_id(sender)
     s2c = sender == SERVER and (is_client_id(receiver) or (kind == "join_request" and receiver == ANY_CLIENT))

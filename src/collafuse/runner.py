@@ -9,6 +9,11 @@ The loop is the server's orchestration: it talks to clients only through the tra
    client that drops out or whose reply is refused sits the round out and the round completes without it;
 3. the server takes S steps on t = cut+1..T from the mixed uploads;
 4. a checkpoint of every node is written atomically.
+
+Under ``split.algorithm = "fedavg"`` (the baseline) a round is instead: the server pushes the global weights to
+every client (``model_push``), each trains K steps on t = 1..T and returns its weights (``model_update``), and the
+server averages them weighted by the clients' training images (collafuse.fedavg); after the last round the final
+average is pushed once more (``steps = 0``) so that every client samples with it.
 """
 
 from __future__ import annotations
@@ -110,9 +115,20 @@ class Orchestrator:
         return deliveries
 
     # -- one round ----------------------------------------------------------------------------------------------------
+    def _record_client_losses(self, replies: dict[str, tuple[Message, Message | None]]) -> dict[str, float]:
+        """Each client's mean loss of this round from its accepted reply (NaN, kept as None, where it sat out)."""
+        losses = {}
+        for c in self.client_ids:
+            loss = replies[c][0].meta.get("loss", math.nan) if c in replies else math.nan
+            self.history.losses.setdefault(c, []).append(None if math.isnan(loss) else loss)
+            losses[c] = loss
+        return losses
+
     def run_round(self, round_: int) -> dict[str, float]:
         """Uploads where the server lacks one (or every round with fresh noise), K client steps per client, S server
         steps. A client that does not answer or whose reply is refused sits the round out; the round completes."""
+        if self.cfg.split.algorithm == "fedavg":
+            return self.run_fedavg_round(round_)
         cfg, server = self.cfg, self.server
         need_upload = [c for c in self.client_ids
                        if server.trains and (client_index(c) not in server.uploads or cfg.split.fresh_upload_noise)]
@@ -123,16 +139,37 @@ class Orchestrator:
         meta = {"round": round_, "steps": cfg.train.client_steps}
         replies = self._to_server(self._timed(self.transport.exchange(
             [Message("train_request", SERVER, c, meta=dict(meta)) for c in self.client_ids])), f"round {round_}")
-        losses = {}
-        for c in self.client_ids:
-            loss = replies[c][0].meta.get("loss", math.nan) if c in replies else math.nan
-            self.history.losses.setdefault(c, []).append(None if math.isnan(loss) else loss)
-            losses[c] = loss
+        losses = self._record_client_losses(replies)
         t0 = time.perf_counter()
         losses[SERVER] = server.train(cfg.train.server_steps)
         self.history.add(SERVER, losses[SERVER], time.perf_counter() - t0)
         self.history.rounds_done = round_
         return losses
+
+    def run_fedavg_round(self, round_: int) -> dict[str, float]:
+        """FedAvg: push the global weights, K local steps per client, average the replies weighted by data size.
+        A client that drops out or whose update is refused is left out of this round's average."""
+        weights = self.server.global_weights()
+        meta = {"round": round_, "steps": self.cfg.train.client_steps}
+        replies = self._to_server(self._timed(self.transport.exchange(
+            [Message("model_push", SERVER, c, {"weights": weights}, dict(meta)) for c in self.client_ids])),
+            f"round {round_}")
+        losses = self._record_client_losses(replies)
+        t0 = time.perf_counter()
+        if self.server.aggregate() == 0:
+            self._note(f"round {round_}: no client update; the global weights stay as they were")
+        self.history.add(SERVER, math.nan, time.perf_counter() - t0)
+        self.history.rounds_done = round_
+        return losses
+
+    def distribute(self) -> None:
+        """FedAvg: hand the final global weights to every client (``model_push`` with ``steps = 0``), so that each
+        samples with the average of the last round and not with its own last local weights. Repeating it is
+        harmless: a client applies the weights of a round once."""
+        final = self.history.rounds_done + 1
+        self._to_server(self.transport.exchange(
+            [Message("model_push", SERVER, c, {"weights": self.server.global_weights()},
+                     {"round": final, "steps": 0}) for c in self.client_ids]), "final weights")
 
     def order_samples(self, n_per_client: int) -> dict[str, int]:
         """Server-initiated sampling (how Flower must do it): per batch, every client gets a ``sample_order``, answers
@@ -195,6 +232,10 @@ class Orchestrator:
                 self.save(ckpt_dir)
             if on_round is not None:
                 on_round(round_)
+        if self.cfg.split.algorithm == "fedavg" and self.history.rounds_done > 0:
+            self.distribute()
+            if ckpt_dir is not None:  # the clients now hold the final average: keep that, not their last local step
+                self.save(ckpt_dir)
         return self.history
 
 
@@ -221,7 +262,7 @@ class Federation(Orchestrator):
         server = Server(cfg)
         self.clients = [Client(i, d, cfg, secret=secrets.get(i)) for i, d in enumerate(data)]
         self.log = log or MessageLog()
-        transport = InProcessTransport([server, *self.clients], self.log)
+        transport = InProcessTransport([server, *self.clients], self.log, cfg.split.algorithm)
         super().__init__(cfg, server, transport, [c.node_id for c in self.clients], [server, *self.clients])
 
     def sample(self, client: int, n: int, generator: torch.Generator | None = None) -> dict:

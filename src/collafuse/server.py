@@ -12,6 +12,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from . import fedavg
 from .config import Config
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
@@ -54,6 +55,10 @@ class Server:
         self.client_labels: dict[int, set[int]] | None = {}
         self.limits = ContentLimits.from_config(cfg)
         self.show_progress = False
+        # FedAvg: the learner's model is the global model (seeds.init, public: every client starts from it) and it
+        # is never trained here; the clients' weights of the current round wait in ``updates`` until ``aggregate``.
+        self.fedavg = cfg.split.algorithm == "fedavg"
+        self.updates: dict[int, tuple[torch.Tensor, int]] = {}  # client index -> (weights, training images)
 
     @property
     def trains(self) -> bool:
@@ -115,6 +120,28 @@ class Server:
             return math.nan
         return sum(self.train_step() for _ in range(steps)) / steps
 
+    # -- FedAvg -------------------------------------------------------------------------------------------------------
+    def global_weights(self) -> torch.Tensor:
+        """The global model's weights as the vector a ``model_push`` carries."""
+        return fedavg.flatten(self.learner.model)
+
+    def aggregate(self) -> int:
+        """Replace the global weights by the average of this round's updates, weighted by each client's training
+        images (collafuse.fedavg); returns how many clients it averaged (0: nobody replied, the weights stay)."""
+        if not self.updates:
+            return 0
+        fedavg.load_flat(self.learner.model, fedavg.weighted_average([self.updates[k] for k in sorted(self.updates)]))
+        n = len(self.updates)
+        self.updates.clear()
+        return n
+
+    def receive_update(self, client: int, weights: torch.Tensor, examples: int) -> None:
+        n = fedavg.num_weights(self.learner.model)
+        if weights.numel() != n:
+            raise ProtocolError(f"model_update from client{client} carries {weights.numel()} weights (allowed: "
+                                f"exactly {n}, the global model's parameter count)")
+        self.updates[client] = (weights.clone(), examples)
+
     # -- sampling -----------------------------------------------------------------------------------------------------
     def sample_to_cut(self, y: torch.Tensor, client: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T ~ N(0, I), then server steps t = T..cut+1 with eps_hat = k_t * eps_S(x_t, t, y); returns x_cut."""
@@ -147,6 +174,9 @@ class Server:
             if not self.trains:
                 raise ProtocolError(f"upload from {msg.sender}: the server owns no step at cut = T")
             self.receive_upload(sender, msg.arrays["x_cut"], msg.arrays["y"])
+            return None
+        if msg.kind == "model_update":
+            self.receive_update(sender, msg.arrays["weights"], int(msg.meta["examples"]))
             return None
         if msg.kind in ("train_reply", "sample_done"):
             return None

@@ -117,6 +117,12 @@ def error_reply(msg: Message, reason: str, sender: str | None = None) -> Message
                    meta={"reason": bounded_reason(reason)})
 
 
+def role_algorithm(role: Role) -> str:
+    """The ``split.algorithm`` whose message kinds ``role`` accepts (``protocol.KINDS``)."""
+    cfg = getattr(role, "cfg", None)
+    return cfg.split.algorithm if cfg is not None else "collafuse"
+
+
 def handle_checked(role: Role, msg: Message, log: MessageLog | None = None) -> Message | None:
     """Deliver ``msg`` to ``role`` and return its checked reply.
 
@@ -130,8 +136,9 @@ def handle_checked(role: Role, msg: Message, log: MessageLog | None = None) -> M
         msg (`Message`): the message, from any source.
         log (`MessageLog`, *optional*): where refusals are recorded.
     """
+    algorithm = role_algorithm(role)
     try:
-        check_message(msg)
+        check_message(msg, algorithm)
         if msg.receiver != role.node_id and not (msg.kind == "join_request" and msg.receiver == ANY_CLIENT):
             raise ProtocolError(f"{msg.kind} for {msg.receiver} reached {role.node_id}")
         reply = role.handle(msg)
@@ -146,7 +153,7 @@ def handle_checked(role: Role, msg: Message, log: MessageLog | None = None) -> M
     if reply is None:
         return None
     try:
-        check_message(reply)
+        check_message(reply, algorithm)
     except ProtocolError as e:
         reason = f"{role.node_id} could not answer {msg.kind}: its reply was refused before sending ({e})"
         logger.error("%s", reason)
@@ -160,10 +167,16 @@ class Transport(ABC):
     """Delivers requests and returns the receivers' replies.
 
     Subclasses implement ``exchange`` (a batch of requests, answered in any order; a network transport sends them
-    concurrently) and may override ``request`` (one request, failures raised)."""
+    concurrently) and may override ``request`` (one request, failures raised).
 
-    def __init__(self, log: MessageLog):
+    Args:
+        log (`MessageLog`): where every message is recorded.
+        algorithm (`str`, defaults to ``"collafuse"``): the run's ``split.algorithm``: which kinds may cross.
+    """
+
+    def __init__(self, log: MessageLog, algorithm: str = "collafuse"):
         self.log = log
+        self.algorithm = algorithm
 
     @abstractmethod
     def exchange(self, msgs: list[Message]) -> list[Delivery]: ...
@@ -184,14 +197,15 @@ class InProcessTransport(Transport):
     Args:
         roles (`list[Role]`): the server and the clients, addressed by their ``node_id``.
         log (`MessageLog`): where every message is recorded.
+        algorithm (`str`, defaults to ``"collafuse"``): the run's ``split.algorithm``.
     """
 
-    def __init__(self, roles: list[Role], log: MessageLog):
-        super().__init__(log)
+    def __init__(self, roles: list[Role], log: MessageLog, algorithm: str = "collafuse"):
+        super().__init__(log, algorithm)
         self.roles = {r.node_id: r for r in roles}
 
     def _deliver(self, msg: Message) -> Message:
-        check_message(msg)
+        check_message(msg, self.algorithm)
         self.log.append(msg)
         return Message(msg.kind, msg.sender, msg.receiver,
                        {k: a.detach().clone() for k, a in msg.arrays.items()}, dict(msg.meta))

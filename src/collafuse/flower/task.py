@@ -47,7 +47,7 @@ from .codec import decode, encode
 logger = logging.getLogger("collafuse.flower")
 
 # Messages after which the client's state has changed and is written back to its directory.
-_STATEFUL = {"train_request", "sample_order", "sample_response", "upload_request"}
+_STATEFUL = {"train_request", "sample_order", "sample_response", "upload_request", "model_push"}
 
 
 def config_from_run_config(run_config) -> Config:
@@ -129,7 +129,7 @@ class ClientNode:
         reply (the request was checked, so its sender is the server and an ``error`` back to it is allowed)."""
         try:
             msg = decode(content)
-            check_message(msg)
+            check_message(msg, self.cfg.split.algorithm)
             if msg.receiver not in (self.role.node_id, ANY_CLIENT):
                 raise ProtocolError(f"message for {msg.receiver} reached {self.role.node_id}")
         except ProtocolError as e:
@@ -163,7 +163,8 @@ def run_server(grid, run_config) -> dict:
 
     server = Server(cfg)
     transport = FlowerTransport(grid, MessageLog(out / "message_log.jsonl"), cfg.data.num_clients,
-                                reply_timeout=float(run_config.get("reply-timeout", 600)))
+                                reply_timeout=float(run_config.get("reply-timeout", 600)),
+                                algorithm=cfg.split.algorithm)
     orch = Orchestrator(cfg, server, transport, [client_node(i) for i in range(cfg.data.num_clients)], [server])
     resumed = orch.restore(out / "checkpoints")
     _say(f"run {out}: cut {cfg.cut}, {cfg.data.num_clients} clients, "

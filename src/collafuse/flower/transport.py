@@ -46,11 +46,12 @@ class FlowerTransport(Transport):
         num_clients (`int`): clients of the run; nodes claiming ``client<i>`` with i >= num_clients are refused.
         reply_timeout (`float`, defaults to 600): seconds to wait for the replies of one exchange.
         poll_interval (`float`, defaults to 0.05): seconds between pulls while replies are outstanding.
+        algorithm (`str`, defaults to ``"collafuse"``): the run's ``split.algorithm``: which kinds may cross.
     """
 
     def __init__(self, grid, log: MessageLog, num_clients: int, reply_timeout: float = 600.0,
-                 poll_interval: float = 0.05):
-        super().__init__(log)
+                 poll_interval: float = 0.05, algorithm: str = "collafuse"):
+        super().__init__(log, algorithm)
         self.poll_interval = poll_interval
         self.grid = grid
         self.num_clients = num_clients
@@ -70,7 +71,7 @@ class FlowerTransport(Transport):
         if not new:
             return
         request = Message("join_request", SERVER, ANY_CLIENT)
-        check_message(request)
+        check_message(request, self.algorithm)
         out = [FlowerMessage(encode(request), dst_node_id=n, message_type=MESSAGE_TYPE) for n in new]
         got = self._send_and_collect(out)
         for node, mid in zip(new, got["ids"], strict=False):
@@ -82,7 +83,7 @@ class FlowerTransport(Transport):
                 continue
             try:
                 msg = decode(r.content)
-                check_message(msg)
+                check_message(msg, self.algorithm)
                 if msg.kind != "join":
                     raise ProtocolError(f"expected join, got {msg.kind}")
                 index = client_index(msg.sender)
@@ -136,7 +137,7 @@ class FlowerTransport(Transport):
         sent: list[tuple[int, str]] = []  # (index in msgs, client id), in push order
         out, busy = [], set()
         for i, msg in enumerate(msgs):
-            check_message(msg)  # our own message: a failure here is a bug on this side, so it raises
+            check_message(msg, self.algorithm)  # our own message: failing here is a bug on this side, so it raises
             node = self.nodes.get(msg.receiver)
             if node is None or node in busy:
                 results[i] = Delivery(msg, error=f"unavailable: {msg.receiver} is not connected")
@@ -168,7 +169,7 @@ class FlowerTransport(Transport):
             if msg.sender != client or msg.receiver != SERVER:
                 raise ProtocolError(f"reply claims to come from {show(msg.sender)} to {show(msg.receiver)}, "
                                     f"but node {r.metadata.src_node_id} is {client}")
-            check_message(msg)
+            check_message(msg, self.algorithm)
         except ProtocolError as e:
             logger.warning("refused reply from %s: %s", client, e)
             self._reject(client, str(e))
