@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 11 on a lent GPU machine (one H200, 16 cores), in one call of the device tool.
+"""Issues 11 and 12 on a lent GPU machine (one H200, 16 cores), in one call of the device tool.
 
 What the CPU lanes (experiments/issue11_queue.sh) cannot do, then what they reach last, in this order, each job
 skipped when its results are already committed under results/fashion-mnist-seeds/:
@@ -11,7 +11,9 @@ skipped when its results are already committed under results/fashion-mnist-seeds
    measures how far a GPU run lands from the CPU run of the same seed;
 2. the seed-sweep runs still missing (same recipe as experiments/seed_sweep.sh: configs/quality.toml at 100
    rounds, 1,000 samples per client against 1,000 held-out images), cuts 900 and 990 before 100 and 50;
-3. C = 1 at cut 700 (part 5; `split.upload_clip_norm = 1`, seed 0, its own client secrets);
+3. C = 1 at cut 700 (part 5; `split.upload_clip_norm = 1`, seed 0, its own client secrets), then issue 12's FedAvg
+   baseline for seeds 0, 1 and 2 (fedavg/seed_K/cut_1000/; on 2 CPU cores a round took 68 s beside other work,
+   about 2 hours a run);
 4. the rest of the DDPM-1000 grid: every cut x seed re-trained on the GPU and scored with both samplers, into
    gpu-replicate/seed_K/cut_NNNN/ like item 1, the baselines and cut 200 of seeds 0 and 2 first (what H1 compares),
    then the other cuts. About 2.5 minutes of the card per run: a 15-minute lease does 4-5 of the 27.
@@ -73,8 +75,9 @@ DDPM_DISCLOSURE = ["--set", "eval.disclosure_n=64", "--set", "eval.distractors=5
 
 
 def job(name: str, dest: str, seed: int, cut: int, clip: float | None = None, ddpm: bool = False,
-        smoke: bool = False) -> dict:
-    return {"name": name, "dest": dest, "seed": seed, "cut": cut, "clip": clip, "ddpm": ddpm, "smoke": smoke}
+        smoke: bool = False, algorithm: str = "collafuse") -> dict:
+    return {"name": name, "dest": dest, "seed": seed, "cut": cut, "clip": clip, "ddpm": ddpm, "smoke": smoke,
+            "algorithm": algorithm}
 
 
 def jobs() -> list[dict]:
@@ -83,6 +86,8 @@ def jobs() -> list[dict]:
     for cut in (900, 990, 100, 50):
         out += [job(f"s{s}c{cut}", f"seed_{s}/cut_{cut:04d}", s, cut) for s in (1, 2)]
     out.append(job("clip1c700", "clip_1/seed_0/cut_0700", 0, 700, clip=1.0))
+    # Issue 12: the FedAvg baseline at the sweep's budget and seeds (its cut resolves to T, hence cut_1000).
+    out += [job(f"fedavg-s{s}", f"fedavg/seed_{s}/cut_1000", s, 1000, algorithm="fedavg") for s in (0, 1, 2)]
     for cut in (1000, 0, 200, 500, 900, 300, 100, 700, 50, 990):
         out += [job(f"ddpm-s{s}c{cut}", f"gpu-replicate/seed_{s}/cut_{cut:04d}", s, cut, ddpm=True) for s in (0, 2, 1)]
     def committed(j: dict) -> bool:
@@ -101,6 +106,8 @@ def commands(j: dict) -> list[list[str]]:
     sets = [*recipe, "--set", f"run.threads={THREADS}"]
     if j["clip"] is not None:
         sets += ["--set", f"split.upload_clip_norm={j['clip']}"]
+    if j["algorithm"] != "collafuse":
+        sets += ["--set", f"split.algorithm={j['algorithm']}"]
     cmds = [[*py, "sweep", "configs/quality.toml", "--quiet", "--seeds", str(j["seed"]), "--cuts", str(j["cut"]),
              "--out", str(sweep_dir), "--device", DEVICE, *sets]]
     if j["ddpm"]:
