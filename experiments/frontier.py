@@ -4,7 +4,8 @@ linkage, one point per cut (mean over clients and seeds, 95% intervals as error 
 Each argument is a sweep directory written by ``collafuse sweep --seeds`` (its ``metrics.json``), optionally
 labelled ``LABEL=DIR``; pass the unclipped sweep first and any clipped ones (``--set split.upload_clip_norm=C``)
 after it. GM (cut 0) has no epsilon (the upload is the image) and ICM (cut T) no upload; both are drawn as
-horizontal lines at their FID.
+horizontal lines at their FID, as is each baseline the summary holds (``--baseline``, e.g. FedAvg: no view crosses,
+so it has neither epsilon nor linkage).
 
     .venv/bin/python experiments/frontier.py "no clipping=runs/seed-sweep" "C = 1=runs/seed-sweep-clip1" \\
         --out results/fashion-mnist-seeds/frontier.png
@@ -45,6 +46,12 @@ def main() -> int:
         label = label or Path(path).name
         color = f"C{k}"
         first_cut = min(int(c) for c in metrics["per_cut"] if 0 < int(c) < T)  # the point that carries the label
+        for name, b in (metrics.get("baselines") or {}).items() if k == 0 else ():
+            fid, _ = mean_over_clients(b, "fid_test")
+            for ax in (ax_eps, ax_link):
+                ax.axhline(fid, color="black", ls="-.", lw=1)
+                ax.text(0.99, fid, f"{name} ", fontsize=7, color="black", transform=ax.get_yaxis_transform(),
+                        ha="right", va="bottom")
         for cut_text, e in sorted(metrics["per_cut"].items(), key=lambda kv: int(kv[0])):
             cut = int(cut_text)
             fid, fid_err = mean_over_clients(e, "fid_test")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers.training_utils import EMAModel
 
 from collafuse import fedavg
 from collafuse.config import ConfigError
@@ -97,6 +98,11 @@ def test_only_weights_cross_and_the_clients_adam_state_stays_local():
     assert x.shape == (3, *fed.cfg.image_shape) and torch.isfinite(x).all()
 
 
+def test_round_decay_is_the_product_of_the_step_decays():
+    assert fedavg.round_decay(lambda j: j / 10, 2, 3) == pytest.approx(0.2 * 0.3 * 0.4, rel=1e-12)
+    assert fedavg.round_decay(lambda j: 0.5, 7, 0) == 1.0  # no step: the EMA keeps what it had
+
+
 def test_the_ema_follows_the_averages_and_is_the_same_on_every_client():
     fed = _fed(rounds=3)
     pushed = []
@@ -109,12 +115,23 @@ def test_the_ema_follows_the_averages_and_is_the_same_on_every_client():
 
     fed.clients[0].apply_global = record
     fed.train(progress=False)
-    d = fed.cfg.train.ema_decay ** fed.cfg.train.client_steps
-    ema = pushed[0]
-    for w in pushed[1:]:  # the recursion by hand, in float64
-        ema = d * ema + (1 - d) * w
+    # The reference: diffusers' own EMAModel, stepped K times on each average (what the per-step EMA of the other
+    # modes would do on a trajectory that stands still for K steps), with its warm-up decay (1 + s) / (10 + s).
+    model = torch.nn.Linear(1, len(pushed[0]), bias=False).double()
+    ema = EMAModel(model.parameters(), decay=fed.cfg.train.ema_decay)
+    for w in pushed:
+        model.weight.data.copy_(w.view(-1, 1))
+        for _ in range(fed.cfg.train.client_steps):
+            ema.step(model.parameters())
+    reference = ema.shadow_params[0].view(-1)
     shadow = [torch.nn.utils.parameters_to_vector(c.learner.ema.shadow_params) for c in fed.clients]
-    assert torch.allclose(shadow[0].double(), ema, rtol=0, atol=1e-5)
+    assert torch.allclose(shadow[0].double(), reference, rtol=0, atol=1e-5)
+    # not a constant-decay EMA from the initial weights: the warm-up forgets them
+    d = fed.cfg.train.ema_decay ** fed.cfg.train.client_steps
+    constant = pushed[0]
+    for w in pushed[1:]:
+        constant = d * constant + (1 - d) * w
+    assert not torch.allclose(shadow[0].double(), constant, rtol=0, atol=1e-5)
     assert torch.equal(shadow[0], shadow[1])
 
 
@@ -129,6 +146,13 @@ def test_weights_may_cross_only_under_fedavg_and_nothing_else_may():
     check_message(upload)
     with pytest.raises(ProtocolError, match="kind 'upload' is not allowed under fedavg"):
         check_message(upload, "fedavg")
+    # a sampling order and its count may cross (the client samples the whole chain itself); a hand-off may not
+    check_message(Message("sample_order", SERVER, "client0", meta={"n": 4}), "fedavg")
+    check_message(Message("sample_done", "client0", SERVER, meta={"n": 4}), "fedavg")
+    for kind, arrays, src, dst in (("sample_request", {"y": torch.zeros(2).long()}, "client0", SERVER),
+                                   ("sample_response", {"x_cut": torch.zeros(2, 1, 28, 28)}, SERVER, "client0")):
+        with pytest.raises(ProtocolError, match=f"kind '{kind}' is not allowed under fedavg"):
+            check_message(Message(kind, src, dst, arrays), "fedavg")
     with pytest.raises(ProtocolError, match="examples"):
         check_message(Message("model_update", "client0", SERVER, {"weights": torch.zeros(5)},
                               {"round": 1, "steps": 2, "examples": 0}), "fedavg")

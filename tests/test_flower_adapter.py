@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("flwr")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from collafuse.config import config_from_dict  # noqa: E402
 from collafuse.data import export_client_folders  # noqa: E402
@@ -137,8 +138,8 @@ def test_fedavg_over_the_flower_adapter_equals_fedavg_in_process_bit_for_bit(set
     every client's final weights, EMA and Adam state, and the losses equal the in-process run's, with tolerance 0."""
     from collafuse.checkpoint import latest_checkpoint, load_checkpoint
 
-    rc = {**setup.run_config, "set": "train.rounds=2; split.algorithm=fedavg", "samples": 0}
-    run_server(FakeGrid(rc, setup.nodes), rc)
+    rc = {**setup.run_config, "set": "train.rounds=2; split.algorithm=fedavg", "samples": 3}
+    metrics = run_server(FakeGrid(rc, setup.nodes), rc)
     flower_w, state = _server_weights(setup.tmp / "server")
     cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
                                         "train": {"rounds": 2}, "split": {"algorithm": "fedavg"}}))
@@ -152,8 +153,16 @@ def test_fedavg_over_the_flower_adapter_equals_fedavg_in_process_bit_for_bit(set
         remote, local = nodes[f"client{i}"][0], fed.clients[i].state()[0]
         keys = [k for k in local if k.startswith(("model.", "ema.", "optim."))]
         assert keys and all(torch.equal(remote[k], local[k]) for k in keys)
+    # Sampling on the nodes after training: each client makes its images with the final average from its own x_T,
+    # the same images as in process; only the order and a count cross.
+    assert metrics["samples_finished"] == {"client0": 3, "client1": 3}
+    for i in range(2):
+        kept = load_file(str(setup.tmp / f"node{i}" / "samples" / "batch_0000.safetensors"))
+        assert torch.equal(kept["x0"], fed.clients[i].sample(3, None)["x0"])
     flower_log = [json.loads(line) for line in (setup.tmp / "server" / "message_log.jsonl").read_text().splitlines()]
-    assert {r["kind"] for r in flower_log} - {"join_request", "join"} == {"model_push", "model_update", "train_reply"}
+    assert {r["kind"] for r in flower_log} - {"join_request", "join"} == {
+        "model_push", "model_update", "train_reply", "sample_order", "sample_done"}
+    assert all(not r["arrays"] for r in flower_log if r["kind"].startswith("sample_"))
 
 
 @pytest.mark.parametrize("rounds", [1, 2])

@@ -102,7 +102,8 @@ TABLE = {  # kind: (direction, arrays, {meta key: (required, allowed)})
 MODE_KINDS = {
     "collafuse": {"upload_request", "upload", "train_request", "train_reply", "sample_request", "sample_response",
                   "sample_order", "sample_done", "error", "join_request", "join"},
-    "fedavg": {"model_push", "model_update", "train_reply", "error", "join_request", "join"},
+    "fedavg": {"model_push", "model_update", "train_reply", "sample_order", "sample_done", "error", "join_request",
+               "join"},
 }
 
 

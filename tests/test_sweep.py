@@ -226,6 +226,47 @@ def test_seeded_sweep_end_to_end_with_intervals_and_resume(sweep_toml, tmp_path,
     assert "--report-only: no run of --seeds 0,1" in capsys.readouterr().err
 
 
+def test_a_fedavg_baseline_joins_every_table_and_plot_of_a_seeded_sweep(sweep_toml, tmp_path, capsys):
+    """--baseline FedAvg=DIR: the baseline's intervals over seeds (checked by hand), a row in every table, a line
+    on every plot, and per cut whether CollaFuse's interval is wholly below, above or overlapping it."""
+    ours, fed = tmp_path / "ours", tmp_path / "fed"
+    common = [str(sweep_toml), "--cuts", str(T), "--seeds", "0,1", "--quiet"]
+    assert main(["sweep", *common, "--out", str(ours)]) == 0
+    assert main(["sweep", *common, "--out", str(fed), "--set", "split.algorithm=fedavg"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", *common, "--out", str(ours), "--report-only", "--baseline", f"FedAvg={fed}"]) == 0
+    summary = json.loads((ours / "metrics.json").read_text())
+    base = summary["baselines"]["FedAvg"]
+    fids = [json.loads((fed / f"seed_{s}" / f"cut_{T:04d}" / "evaluation.json").read_text())
+            ["fidelity"]["per_client"]["client0"]["vs_test"]["fid"] for s in (0, 1)]
+    iv = base["fid_test"]["client0"]
+    assert base["algorithm"] == "fedavg" and base["seeds"] == [0, 1]
+    assert iv["mean"] == pytest.approx(sum(fids) / 2)
+    assert iv["half_width"] == pytest.approx(12.7062047 * abs(fids[0] - fids[1]) / 2)  # t_{0.975,1} s/sqrt(2)
+    ours_iv = summary["per_cut"][str(T)]["fid_test"]["client0"]
+    expected = ("lower" if ours_iv["high"] < iv["low"] else "higher" if iv["high"] < ours_iv["low"] else "overlap")
+    assert summary["against_baselines"]["FedAvg"][str(T)]["client0"] == expected
+    # FedAvg moves the whole model both ways every round: its bytes by hand from the message shapes
+    log = [json.loads(line) for line in (fed / "seed_0" / f"cut_{T:04d}" / "message_log.jsonl").read_text().splitlines()]
+    def model_bytes(kind, field):
+        return sum(4 * a["shape"][0] for r in log if r["kind"] == kind and r[field] == "client0" for a in r["arrays"])
+
+    # (the mean over the two clients; both train every round, so it is client 0's own)
+    assert base["exact"]["upload_bytes_training"] == model_bytes("model_update", "sender") > 0
+    assert base["exact"]["download_bytes_training"] == model_bytes("model_push", "receiver") > 0
+    report = (ours / "report.md").read_text()
+    assert "| FedAvg (fedavg, seeds [0, 1]) |" in report and "## CollaFuse against FedAvg" in report
+    assert "weights" in report.split("## Disclosure")[1].split("##")[0]
+    seed_report = (ours / "seed_0" / "report.md").read_text()
+    assert seed_report.count("| FedAvg |") == 3  # fidelity, disclosure, compute tables
+    assert json.loads((ours / "seed_0" / "metrics.json").read_text())["baselines"]["FedAvg"]["algorithm"] == "fedavg"
+    for bad, needle in ((f"{fed}", "expected LABEL=DIR"), ("X=/nonexistent", "is not a directory"),
+                        (f"X={tmp_path}", "no evaluated run under")):
+        assert main(["sweep", *common, "--out", str(ours), "--report-only", "--baseline", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--baseline" in err and needle in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--seeds", "a"], "--seeds = 'a' is invalid"),
     (["--seeds", "-1"], "--seeds = '-1' is invalid"),

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--report-only", action="store_true",
                     help="train and evaluate nothing: summarise the runs under --out that have an evaluation.json "
                          "(e.g. results committed from several machines)")
+    sw.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
+                    help="a sweep directory with one evaluated run without a cut (per seed: DIR/seed_K/cut_NNNN), "
+                         "added to every table and plot, e.g. FedAvg=results/fashion-mnist-seeds/fedavg")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
@@ -180,17 +183,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import parse_cuts, parse_seeds, run_sweep
+    from .sweep import parse_baseline, parse_cuts, parse_seeds, run_sweep
 
     overrides = _with_device(args.overrides, args.device)
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
     if args.vary_partition and seeds is None:
         raise ConfigError("--vary-partition is invalid without --seeds (allowed: with --seeds 0,1,...)")
+    baselines = dict(parse_baseline(b) for b in args.baseline)
     try:
         report = run_sweep(args.config, parse_cuts(args.cuts), Path(args.out), overrides, progress=not args.quiet,
                            command="collafuse " + shlex.join(args.argv),
                            secrets=_secrets(args), seeds=seeds, vary_partition=args.vary_partition,
-                           report_only=args.report_only)
+                           report_only=args.report_only, baselines=baselines or None)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the same command resumes: collafuse {shlex.join(args.argv)}", file=sys.stderr)
         return 130

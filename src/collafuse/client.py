@@ -138,9 +138,11 @@ class Client:
         except ValueError as e:
             raise ProtocolError(f"model_push to {self.node_id}: {e}") from None
         lr = self.learner
-        fedavg.ema_update(lr.ema.shadow_params, list(lr.model.parameters()),
-                          self.cfg.train.ema_decay ** max(self.cfg.train.client_steps, 1), first=self.pushed_round == 0)
-        lr._ema_model = None
+        k = max(self.cfg.train.client_steps, 1)  # one round of K steps, as the per-step EMA would have counted them
+        decay = fedavg.round_decay(lr.ema.get_decay, lr.ema.optimization_step + 1, k)
+        fedavg.ema_update(lr.ema.shadow_params, list(lr.model.parameters()), decay)
+        lr.ema.optimization_step += k
+        lr.forget_sampling_model()
         self.pushed_round = round_
 
     def fedavg_round(self, msg: Message) -> Message:
@@ -172,6 +174,10 @@ class Client:
             return Message("train_reply", self.node_id, SERVER, meta=meta)
         if msg.kind == "sample_order":
             check_content(msg, self.limits)
+            if self.cut == self.cfg.diffusion.timesteps:  # cut = T or FedAvg: this client owns the whole chain
+                batch = self.sample(int(msg.meta["n"]), None)  # from its own x_T; nothing is asked of the server
+                self.finished.append(batch)
+                return Message("sample_done", self.node_id, SERVER, meta={"n": len(batch["y"])})
             self._pending_y = self.sample_labels(int(msg.meta["n"]))
             return Message("sample_request", self.node_id, SERVER, {"y": self._pending_y})
         if msg.kind == "sample_response":

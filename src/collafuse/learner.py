@@ -112,6 +112,10 @@ class Learner:
         self._ema_model = None
         return loss.item()
 
+    def forget_sampling_model(self) -> None:
+        """Drop the cached EMA copy after the weights or the EMA changed outside ``step`` (a FedAvg push)."""
+        self._ema_model = None
+
     def sampling_model(self, use_ema: bool = True) -> torch.nn.Module:
         """The model to sample with: a copy holding the EMA weights (cached until the next step), or the live one."""
         if not use_ema:

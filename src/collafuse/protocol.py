@@ -23,7 +23,9 @@ Which kinds may cross depends on ``split.algorithm`` (``KINDS``): under ``collaf
 last two rows are refused); under ``fedavg`` (the federated-averaging baseline) only weights cross: the server
 pushes the global model (``model_push``; ``steps = 0`` hands over the final average, answered by a
 ``train_reply``), each client trains K steps and returns its weights and its number of training images
-(``model_update``), and no upload, hand-off or sampling message is allowed. ``error`` and ``join`` are common.
+(``model_update``), and no upload or hand-off is allowed: the server may only order samples (``sample_order``, a
+count), which the client makes with the whole chain itself and answers with a count (``sample_done``), as at
+cut = T. ``error`` and ``join`` are common.
 
 Meta values are typed and bounded (``bool`` is never a number, and no other key is allowed):
 
@@ -212,7 +214,7 @@ _COMMON = ("error", "join_request", "join")
 # What may cross under each split.algorithm: weights only under fedavg, and nothing but weights there.
 KINDS: dict[str, frozenset[str]] = {
     "collafuse": frozenset(k for k in SPECS if not k.startswith("model_")),
-    "fedavg": frozenset(("model_push", "model_update", "train_reply", *_COMMON)),
+    "fedavg": frozenset(("model_push", "model_update", "train_reply", "sample_order", "sample_done", *_COMMON)),
 }
 
 

@@ -174,15 +174,21 @@ class Orchestrator:
     def order_samples(self, n_per_client: int) -> dict[str, int]:
         """Server-initiated sampling (how Flower must do it): per batch, every client gets a ``sample_order``, answers
         with its ``sample_request``, receives the hand-offs and finishes locally; the final images stay with the
-        clients. Returns the number of images each client reported finished."""
+        clients. Returns the number of images each client reported finished.
+
+        When the server owns no step (cut = T, FedAvg) the order alone is enough: each client samples the whole chain
+        from its own x_T and answers ``sample_done`` at once."""
         done = dict.fromkeys(self.client_ids, 0)
-        if not self.server.trains:
-            return done  # cut = T: clients sample on their own; nothing to order
         batch = self.cfg.sample.batch_size
         for start in range(0, n_per_client, batch):
             n = min(batch, n_per_client - start)
             accepted = self._to_server(self.transport.exchange(
                 [Message("sample_order", SERVER, c, meta={"n": n}) for c in self.client_ids]), "sampling")
+            if not self.server.trains:
+                for node, (reply, _) in accepted.items():
+                    if reply.kind == "sample_done":
+                        done[node] += int(reply.meta["n"])
+                continue
             responses = [answer for _, answer in accepted.values() if answer is not None]
             if not responses:
                 continue

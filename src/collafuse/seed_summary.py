@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from .checkpoint import write_text_atomic
-from .sweep_report import hypotheses, mark_baselines, summarize
+from .sweep_report import FEDAVG_DISCLOSURE, hypotheses, mark_baselines, summarize
 
 
 def interval(values: list[float], level: float = 0.95) -> dict:
@@ -143,6 +143,11 @@ def exact_columns(rows: list[dict]) -> dict[int, dict]:
                                         if per_client else None),
             "bytes_per_generated_image": next((c["bytes_per_generated_image"] for c in per_client
                                                if c["bytes_per_generated_image"] is not None), None),
+            # everything a client sent and received while training, all rounds (FedAvg: the model, both ways)
+            "upload_bytes_training": (sum(c.get("uploaded_bytes_training") or 0 for c in per_client) / len(per_client)
+                                      if per_client else None),
+            "download_bytes_training": (sum(c.get("downloaded_bytes_training") or 0 for c in per_client)
+                                        / len(per_client) if per_client else None),
         }
     return out
 
@@ -160,20 +165,54 @@ def _verdict_detail(name: str, v: dict) -> str:
     return v.get("why", "")
 
 
-def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, timesteps: int, command: str) -> Path:
-    """``runs_by_seed``: seed -> cut -> run dir, each evaluated. Writes metrics.json, report.md and the FID plot."""
+def baseline_summary(runs_by_seed: dict[int, Path]) -> dict:
+    """A baseline without a cut (e.g. FedAvg), one evaluated run per seed: per client the FID, KID and label
+    agreement intervals over seeds, and its exact compute and communication (from the first seed)."""
+    rows = {s: summarize(json.loads((d / "evaluation.json").read_text())) for s, d in sorted(runs_by_seed.items())}
+    first = next(iter(rows.values()))
+    clients = sorted(first["fidelity"])
+    out = {"seeds": sorted(rows), "algorithm": first["algorithm"], "rounds": first["rounds"],
+           "runs": {str(s): str(d) for s, d in sorted(runs_by_seed.items())}}
+    for metric in ("fid_test", "kid_test", "label_agreement"):
+        out[metric] = {c: interval([r["fidelity"][c].get(metric) for r in rows.values()]) for c in clients}
+    out["exact"] = exact_columns([first])[first["cut"]]
+    out["client_train_seconds"] = interval([r["compute"].get("client_train_seconds") for r in rows.values()])
+    return out
+
+
+def against_baseline(per_cut: dict, base: dict) -> dict[int, dict[str, str]]:
+    """Per cut and client, CollaFuse's FID interval against the baseline's: "lower" (wholly below: better),
+    "higher" (wholly above: worse) or "overlap" (not resolved by these seeds)."""
+    out = {}
+    for cut, e in sorted(per_cut.items()):
+        out[cut] = {}
+        for c, iv in e["fid_test"].items():
+            b = base["fid_test"].get(c)
+            out[cut][c] = ("-" if b is None else "lower" if _below(iv, b) else "higher" if _below(b, iv)
+                           else "overlap")
+    return out
+
+
+def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, timesteps: int, command: str,
+                       baselines: dict[str, dict[int, Path]] | None = None) -> Path:
+    """``runs_by_seed``: seed -> cut -> run dir, each evaluated. Writes metrics.json, report.md and the FID plot.
+    ``baselines``: label -> seed -> one evaluated run without a cut (FedAvg at the same budget), added to every
+    table and drawn on the plot as a horizontal band per client."""
     rows_by_seed = {s: [summarize(json.loads((d / "evaluation.json").read_text())) for _, d in sorted(runs.items())]
                     for s, runs in runs_by_seed.items()}
     per_cut, verdicts = judge(rows_by_seed, timesteps)
     exact = exact_columns(next(iter(rows_by_seed.values())))
     train_s = {cut: interval([r["compute"].get("client_train_seconds") for rows in rows_by_seed.values()
                               for r in rows if r["cut"] == cut]) for cut in per_cut}
+    bases = {label: baseline_summary(runs) for label, runs in (baselines or {}).items()}
+    versus = {label: against_baseline(per_cut, b) for label, b in bases.items()}
     write_text_atomic(out / "metrics.json", json.dumps(
         {"command": command, "timesteps": timesteps, "seeds": sorted(runs_by_seed), "per_cut": per_cut,
-         "exact_per_cut": exact, "client_train_seconds": train_s, "hypotheses": verdicts}, indent=1,
-        allow_nan=False))
+         "exact_per_cut": exact, "client_train_seconds": train_s, "hypotheses": verdicts, "baselines": bases,
+         "against_baselines": {label: {str(k): v for k, v in x.items()} for label, x in versus.items()}},
+        indent=1, allow_nan=False))
     clients = sorted(next(iter(per_cut.values()))["fid_test"])
-    plot = _plot_fid(per_cut, clients, timesteps, out / "fidelity_fid.png", len(runs_by_seed))
+    plot = _plot_fid(per_cut, clients, timesteps, out / "fidelity_fid.png", len(runs_by_seed), bases)
 
     def cell(iv: dict, digits: int = 4) -> str:
         if iv["mean"] is None:
@@ -197,6 +236,10 @@ def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, time
         lines.append(f"| {baseline(cut)} | " + " | ".join(f"{cell(e['fid_test'][c])} | {cell(e['kid_test'][c], 3)}"
                                                           for c in clients)
                      + " | " + " / ".join(cell(e["label_agreement"][c], 2) for c in clients) + " |")
+    for label, b in bases.items():
+        lines.append(f"| {label} ({b['algorithm']}, seeds {b['seeds']}) | "
+                     + " | ".join(f"{cell(b['fid_test'][c])} | {cell(b['kid_test'][c], 3)}" for c in clients)
+                     + " | " + " / ".join(cell(b["label_agreement"][c], 2) for c in clients) + " |")
     lines += ["", "## Disclosure (mean over clients)", "",
               "| cut | linkage top-1 | PSNR, strongest attack (dB) | ε (per image, one view) |", "|---|---|---|---|"]
     for cut, e in sorted(per_cut.items()):
@@ -206,25 +249,39 @@ def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, time
         eps = cell(e["epsilon"]) if e["epsilon"]["mean"] is not None else "none (the upload is the image)"
         psnr = "exact (x0 uploaded)" if cut == 0 else cell(e["psnr_best"])
         lines.append(f"| {baseline(cut)} | {cell(e['linkage_top1'])} | {psnr} | {eps} |")
+    for label, b in bases.items():
+        lines.append(f"| {label} | {FEDAVG_DISCLOSURE if b['algorithm'] == 'fedavg' else 'see its own report'} | | |")
     lines += ["", "## Client compute and communication (exact: the same for every seed)", "",
               "| cut | client FLOPs / image | client share (sampling) | client FLOPs / round | client share "
-              "(training) | upload bytes / client | bytes / generated image | client train s (measured) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for cut, x in sorted(exact.items()):
-        lines.append(f"| {baseline(cut)} | {num(x['client_flops_per_image'])} | {num(x['client_share_sample'])} | "
+              "(training) | upload bytes / client (one view) | bytes up / down per client (training, all rounds) "
+              "| bytes / generated image | client train s (measured) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    table = [(baseline(cut), x, train_s[cut], True) for cut, x in sorted(exact.items())]
+    table += [(label, b["exact"], b["client_train_seconds"], False) for label, b in bases.items()]
+    for name, x, secs, views in table:
+        lines.append(f"| {name} | {num(x['client_flops_per_image'])} | {num(x['client_share_sample'])} | "
                      f"{num(x['client_flops_per_round'])} | {num(x['client_share_train'])} | "
-                     f"{num(x['upload_bytes_per_client'])} | {num(x['bytes_per_generated_image'])} | "
-                     f"{cell(train_s[cut])} |")
+                     f"{num(x['upload_bytes_per_client']) if views else 'no view'} | "
+                     f"{num(x['upload_bytes_training'])} / {num(x['download_bytes_training'])} | "
+                     f"{num(x['bytes_per_generated_image'])} | {cell(secs)} |")
     lines += ["", "## The paper's claims, judged from the intervals", "", "| claim | verdict | detail |",
               "|---|---|---|"]
     for name, v in verdicts.items():
         lines.append(f"| {name} | **{v['verdict']}** | {_verdict_detail(name, v)} |")
+    for label, x in versus.items():
+        lines += ["", f"## CollaFuse against {label}", "",
+                  f"Per cut and client, the cut's FID interval against {label}'s: lower (wholly below: better), "
+                  "higher (wholly above: worse), overlap (not resolved by these seeds).", "",
+                  "| cut | " + " | ".join(clients) + " |", "|---" * (len(clients) + 1) + "|"]
+        for cut, per_client in x.items():
+            lines.append(f"| {baseline(cut)} | " + " | ".join(per_client[c] for c in clients) + " |")
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
-def _plot_fid(per_cut: dict, clients: list[str], timesteps: int, path: Path, n_seeds: int) -> Path:
+def _plot_fid(per_cut: dict, clients: list[str], timesteps: int, path: Path, n_seeds: int,
+              bases: dict[str, dict] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,6 +298,14 @@ def _plot_fid(per_cut: dict, clients: list[str], timesteps: int, path: Path, n_s
         if banded:
             ax.fill_between([k for k, _ in banded], [iv["low"] for _, iv in banded],
                             [iv["high"] for _, iv in banded], color=line.get_color(), alpha=0.2)
+        for b in (bases or {}).values():  # a baseline without a cut: a horizontal line and band per client
+            iv = b["fid_test"].get(c)
+            if iv and iv["mean"] is not None:
+                ax.axhline(iv["mean"], color=line.get_color(), ls="-.", lw=1.2)
+                if iv["low"] is not None:
+                    ax.axhspan(iv["low"], iv["high"], color=line.get_color(), alpha=0.08)
+    for label in bases or {}:
+        ax.plot([], [], color="black", ls="-.", lw=1.2, label=f"{label} (no cut), per client")
     mark_baselines(ax, timesteps)
     ax.set_ylabel("FID vs held-out images")
     ax.set_title(f"FID per client, mean and 95% interval over {n_seeds} seeds", fontsize=10)

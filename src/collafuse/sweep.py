@@ -45,6 +45,28 @@ def _evaluated_runs(sweep_dir: Path, cuts: list[int]) -> dict[int, Path]:
     return {cut: d for cut, d in runs.items() if (d / "evaluation.json").is_file()}
 
 
+def parse_baseline(text: str) -> tuple[str, Path]:
+    """``LABEL=DIR`` of ``--baseline``: a sweep directory of runs without a cut (e.g. FedAvg at the same budget)."""
+    label, sep, path = text.partition("=")
+    if not sep or not label.strip() or not path.strip():
+        raise ConfigError(f"--baseline = {text!r} is invalid (expected LABEL=DIR, e.g. "
+                          "FedAvg=results/fashion-mnist-seeds/fedavg)")
+    if not Path(path).is_dir():
+        raise ConfigError(f"--baseline = {text!r} is invalid ({path} is not a directory; allowed: a sweep directory "
+                          "with DIR/cut_NNNN/evaluation.json, or DIR/seed_K/cut_NNNN/evaluation.json with --seeds)")
+    return label.strip(), Path(path)
+
+
+def baseline_run(sweep_dir: Path, label: str) -> Path | None:
+    """The one evaluated run of a baseline under ``sweep_dir`` (its ``cut_NNNN/``); None when there is none."""
+    found = sorted(d for d in sweep_dir.glob("cut_*") if (d / "evaluation.json").is_file())
+    if len(found) > 1:
+        raise ConfigError(f"--baseline {label}={sweep_dir.parent if sweep_dir.name.startswith('seed_') else sweep_dir}"
+                          f" is invalid ({len(found)} evaluated runs under {sweep_dir}: "
+                          f"{', '.join(d.name for d in found)}; allowed: exactly one per seed)")
+    return found[0] if found else None
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = sorted({int(c) for c in text.split(",") if c.strip()})
@@ -70,7 +92,8 @@ def seed_overrides(base: Config, seed: int, vary_partition: bool = False) -> lis
 
 def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[str] | tuple[str, ...] = (),
               progress: bool = True, command: str = "", secrets: dict | None = None,
-              seeds: list[int] | None = None, vary_partition: bool = False, report_only: bool = False) -> Path:
+              seeds: list[int] | None = None, vary_partition: bool = False, report_only: bool = False,
+              baselines: dict[str, Path] | None = None) -> Path:
     """Train and evaluate one run per cut under ``out/cut_NNNN``, then write ``out/report.md`` and
     ``out/metrics.json``; returns the report path. ``secrets``: explicit client secrets for every run (see
     ``run_experiment``); by default each run's clients draw their own.
@@ -81,7 +104,11 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
 
     With ``seeds``: one such sweep per seed under ``out/seed_K/``, every cut of a seed with the same client secrets
     (``out/seed_K/client-secrets.toml``, drawn from OS entropy once: the sweep plays every client, so it holds
-    their secrets; never hand that file to a server), then the summary over seeds in ``out/`` (`seed_summary`)."""
+    their secrets; never hand that file to a server), then the summary over seeds in ``out/`` (`seed_summary`).
+
+    ``baselines``: label -> a sweep directory holding one evaluated run without a cut (FedAvg: ``collafuse sweep
+    ... --cuts 1000 --set split.algorithm=fedavg``), per seed under ``seed_K/`` with ``seeds``; each report adds it
+    to its tables and plots. Nothing of it is trained here."""
     from .sweep_report import write_sweep_report
 
     base = load_config(config, overrides)
@@ -95,33 +122,46 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
         from .seeding import read_secrets_file, write_secrets_file
 
         runs_by_seed = {}
+        base_by_seed = {label: {s: r for s in seeds if (r := baseline_run(d / f"seed_{s}", label)) is not None}
+                        for label, d in (baselines or {}).items()}
+        for label, found in base_by_seed.items():
+            if not found:
+                raise ConfigError(f"--baseline {label}={baselines[label]} is invalid (no evaluated run under "
+                                  f"{baselines[label]}/seed_K/cut_NNNN for --seeds {','.join(map(str, seeds))})")
         for seed in seeds:
+            seed_base = {label: found[seed] for label, found in base_by_seed.items() if seed in found}
             seed_dir = out / f"seed_{seed}"
             if report_only:
                 found = _evaluated_runs(seed_dir, cuts)
                 if found:
-                    write_sweep_report(found, seed_dir, base, f"{command} (seed {seed})")
+                    write_sweep_report(found, seed_dir, base, f"{command} (seed {seed})", seed_base)
                     runs_by_seed[seed] = found
                 continue
             path = seed_dir / "client-secrets.toml"
             seed_secrets = read_secrets_file(path) if path.exists() else write_secrets_file(
                 path, base.data.num_clients)
             extra = [*overrides, *seed_overrides(base, seed, vary_partition)]
-            run_sweep(config, cuts, seed_dir, extra, progress, f"{command} (seed {seed})", seed_secrets)
+            run_sweep(config, cuts, seed_dir, extra, progress, f"{command} (seed {seed})", seed_secrets,
+                      baselines={label: baselines[label] / f"seed_{seed}" for label in seed_base} or None)
             runs_by_seed[seed] = {cut: seed_dir / f"cut_{cut:04d}" for cut in cuts}
         if not runs_by_seed:
             raise ConfigError(f"--report-only: no run of --seeds {','.join(map(str, seeds))} x --cuts "
                               f"{','.join(map(str, cuts))} under {out} has an evaluation.json (allowed: a sweep "
                               "directory with evaluated runs, DIR/seed_K/cut_NNNN/evaluation.json)")
         write_text_atomic(out / "COMMAND", (command or f"run_sweep({config!s}, {cuts}, seeds={seeds})") + "\n")
-        return write_seed_summary(runs_by_seed, out, base.diffusion.timesteps, command)
+        return write_seed_summary(runs_by_seed, out, base.diffusion.timesteps, command, base_by_seed)
+    single = {}
+    for label, d in (baselines or {}).items():
+        if (r := baseline_run(d, label)) is None:
+            raise ConfigError(f"--baseline {label}={d} is invalid (no evaluated run under {d}/cut_NNNN)")
+        single[label] = r
     if report_only:
         runs = _evaluated_runs(out, cuts)
         if not runs:
             raise ConfigError(f"--report-only: no run of --cuts {','.join(map(str, cuts))} under {out} has an "
                               "evaluation.json (allowed: a sweep directory with evaluated runs, "
                               "DIR/cut_NNNN/evaluation.json)")
-        return write_sweep_report(runs, out, base, command)
+        return write_sweep_report(runs, out, base, command, single)
     runs = {}
     for cut in cuts:
         cfg = load_config(config, [*overrides, f"split.cut={cut}"])
@@ -135,4 +175,4 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
             evaluate_run(run_dir, progress=progress)  # its config.toml carries the sweep's [eval] settings
         runs[cut] = run_dir
     write_text_atomic(out / "COMMAND", (command or f"run_sweep({config!s}, {cuts})") + "\n")
-    return write_sweep_report(runs, out, base, command)
+    return write_sweep_report(runs, out, base, command, single)

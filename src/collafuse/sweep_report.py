@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +33,12 @@ def _exact_seed_cell(ds: list[dict]) -> str:
     return f"{_fmt(sum(vals) / len(vals))}, {sum(map(bool, hits))}/{len(hits)}"
 
 
+def algorithm_of(evaluation: dict) -> str:
+    """"fedavg" or "collafuse", from what the evaluation records (FedAvg's disclosure is skipped, and says why)."""
+    skipped = _get(evaluation, "disclosure", "skipped")
+    return "fedavg" if isinstance(skipped, str) and skipped.startswith("fedavg") else "collafuse"
+
+
 def summarize(evaluation: dict) -> dict:
     """The handful of numbers per cut that the plots and hypotheses use, from one evaluation.json."""
     fid = evaluation["fidelity"]["per_client"]
@@ -39,7 +46,8 @@ def summarize(evaluation: dict) -> dict:
     comp = evaluation["compute"]["flops"]
     comm = evaluation.get("communication") or {}
     clients = sorted(fid)
-    row = {"cut": evaluation["cut"], "rounds": evaluation.get("rounds"), "fidelity": {}, "disclosure": {},
+    row = {"cut": evaluation["cut"], "rounds": evaluation.get("rounds"), "algorithm": algorithm_of(evaluation),
+           "fidelity": {}, "disclosure": {},
            "compute": {}, "communication": {}}
     for c in clients:
         row["fidelity"][c] = {
@@ -68,6 +76,7 @@ def summarize(evaluation: dict) -> dict:
         sampling = _get(comm, "per_client", c, "sampling", default={})
         row["communication"][c] = {
             "uploaded_bytes_training": _get(comm, "per_client", c, "training", "uploaded_bytes", default=0),
+            "downloaded_bytes_training": _get(comm, "per_client", c, "training", "downloaded_bytes", default=0),
             # one set of views (the first round that uploads); the total above also counts a server's re-request
             # of the same views after it was restarted
             "upload_bytes_one_view": next((r["uploaded_bytes"] for r in _get(
@@ -142,19 +151,40 @@ def mark_baselines(ax, timesteps: int) -> None:
     ax.set_xlabel("cut point t_zeta (client owns steps 1..t_zeta)")
 
 
-def _plot(rows: list[dict], timesteps: int, path: Path, title: str, ylabel: str, series: dict[str, list],
-          log: bool = False) -> Path:
+def _plot(rows: list[dict], timesteps: int, path: Path, title: str, ylabel: str, series: dict[str, Callable],
+          log: bool = False, baselines: dict[str, dict] | None = None, absent: str = "") -> Path:
+    """One value per cut and series (``series``: name -> row -> value), the cut axis with GM and ICM marked, and each
+    of ``baselines`` (label -> summary row of a run that has no cut, e.g. FedAvg) as a horizontal dash-dot line per
+    series in that series' colour; a baseline with no value for any series is named in the corner with ``absent``
+    (why it has none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def ok(y) -> bool:
+        return y is not None and not (isinstance(y, float) and math.isnan(y))
+
     cuts = [r["cut"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
-    for name, ys in series.items():
-        pts = [(c, y) for c, y in zip(cuts, ys) if y is not None and not (isinstance(y, float) and math.isnan(y))]
+    colors = {}
+    for name, get in series.items():
+        pts = [(c, y) for c, y in zip(cuts, map(get, rows)) if ok(y)]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
+            (line,) = ax.plot(*zip(*pts), marker="o", label=name)
+            colors[name] = line.get_color()
+    for k, (label, row) in enumerate((baselines or {}).items()):
+        drawn = False
+        for name, get in series.items():
+            y = get(row)
+            if ok(y):
+                ax.axhline(y, color=colors.get(name, "black"), ls="-.", lw=1.2)
+                drawn = True
+        if drawn:
+            ax.plot([], [], color="black", ls="-.", lw=1.2, label=f"{label} (no cut; one line per series)")
+        else:
+            ax.text(0.99, 0.97 - 0.07 * k, f"{label}: {absent or 'no value'}", transform=ax.transAxes, ha="right",
+                    va="top", fontsize=7, color="black")
     mark_baselines(ax, timesteps)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -205,10 +235,21 @@ def _fmt(v, digits=4) -> str:
     return str(v)
 
 
-def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: str) -> Path:
+# What a FedAvg baseline row shows where CollaFuse's disclosure plots have an attack's result.
+FEDAVG_DISCLOSURE = ("no image or noised view crosses; the server holds every client's weights every round "
+                     "(weight inversion: not attacked here)")
+
+
+def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: str,
+                       baselines: dict[str, Path] | None = None) -> Path:
+    """Tables and plots of one sweep (cut -> evaluated run directory) in ``out``; ``baselines`` (label -> evaluated
+    run directory of a run without a cut, e.g. a FedAvg run of the same seed and budget) are added to every table
+    and drawn on every plot as horizontal lines."""
     T = cfg.diffusion.timesteps
     evaluations = {cut: json.loads((d / "evaluation.json").read_text()) for cut, d in sorted(runs.items())}
     rows = [summarize(e) for e in evaluations.values()]
+    base_rows = {label: summarize(json.loads((d / "evaluation.json").read_text()))
+                 for label, d in (baselines or {}).items()}
     verdicts = hypotheses(rows, T)
     clients = sorted(rows[0]["fidelity"])
     first = next(iter(evaluations.values()))
@@ -216,31 +257,35 @@ def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: s
     n = first["n_samples_per_client"]
     write_text_atomic(out / "metrics.json", json.dumps(
         {"command": command, "timesteps": T, "rows": rows, "hypotheses": verdicts,
-         "runs": {str(c): str(d) for c, d in runs.items()}}, indent=1, allow_nan=False))
+         "runs": {str(c): str(d) for c, d in runs.items()}, "baselines": base_rows,
+         "baseline_runs": {label: str(d) for label, d in (baselines or {}).items()}}, indent=1, allow_nan=False))
+
+    def per_client(metric: Callable[[dict, str], object]) -> dict[str, Callable]:
+        return {c: (lambda r, c=c: metric(r, c)) for c in clients}
+
+    def plot(name: str, title: str, ylabel: str, series: dict[str, Callable], absent: str = "") -> Path:
+        return _plot(rows, T, out / name, title, ylabel, series, baselines=base_rows, absent=absent)
 
     plots = {
-        "fidelity_kid.png": _plot(rows, T, out / "fidelity_kid.png",
-                                  f"KID vs held-out test images ({n} samples/client, {extractor['name']} features)",
-                                  "KID (lower is better)",
-                                  {c: [r["fidelity"][c]["kid_test"] for r in rows] for c in clients}),
-        "fidelity_fid.png": _plot(rows, T, out / "fidelity_fid.png", "FID vs held-out test images", "FID",
-                                  {c: [r["fidelity"][c]["fid_test"] for r in rows] for c in clients}),
-        "disclosure_linkage.png": _plot(rows, T, out / "disclosure_linkage.png", "Linkage attack on the uploads",
-                                        "top-1 re-identification", {
-                                            c: [_get(r["disclosure"][c], "linkage_top1") for r in rows]
-                                            for c in clients}),
-        "disclosure_psnr.png": _plot(rows, T, out / "disclosure_psnr.png",
-                                     "Reconstruction from the uploads (the strongest attack at each cut)",
-                                     "PSNR vs the true image (dB)", {
-                                         c: [_get(r["disclosure"][c], "psnr_best") for r in rows]
-                                         for c in clients}),
-        "compute.png": _plot(rows, T, out / "compute.png", "Client compute (one client, exact FLOPs)",
-                             "client share of FLOPs", {
-                                 "training share": [r["compute"]["client_share_train"] for r in rows],
-                                 "sampling share": [r["compute"]["client_share_sample"] for r in rows]}),
-        "communication.png": _plot(rows, T, out / "communication.png", "Client upload for training",
-                                   "bytes per client", {c: [r["communication"][c]["uploaded_bytes_training"] or None
-                                                           for r in rows] for c in clients}),
+        "fidelity_kid.png": plot("fidelity_kid.png",
+                                 f"KID vs held-out test images ({n} samples/client, {extractor['name']} features)",
+                                 "KID (lower is better)", per_client(lambda r, c: r["fidelity"][c]["kid_test"])),
+        "fidelity_fid.png": plot("fidelity_fid.png", "FID vs held-out test images", "FID",
+                                 per_client(lambda r, c: r["fidelity"][c]["fid_test"])),
+        "disclosure_linkage.png": plot("disclosure_linkage.png", "Linkage attack on the uploads",
+                                       "top-1 re-identification",
+                                       per_client(lambda r, c: _get(r["disclosure"][c], "linkage_top1")),
+                                       FEDAVG_DISCLOSURE),
+        "disclosure_psnr.png": plot("disclosure_psnr.png",
+                                    "Reconstruction from the uploads (the strongest attack at each cut)",
+                                    "PSNR vs the true image (dB)",
+                                    per_client(lambda r, c: _get(r["disclosure"][c], "psnr_best")), FEDAVG_DISCLOSURE),
+        "compute.png": plot("compute.png", "Client compute (one client, exact FLOPs)", "client share of FLOPs", {
+            "training share": lambda r: r["compute"]["client_share_train"],
+            "sampling share": lambda r: r["compute"]["client_share_sample"]}),
+        "communication.png": plot("communication.png", "Client upload for training (all rounds)",
+                                  "bytes per client",
+                                  per_client(lambda r, c: r["communication"][c]["uploaded_bytes_training"] or None)),
     }
     grid_path = figure4_grid(runs, out)
 
@@ -266,6 +311,10 @@ def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: s
         cells = " | ".join(f"{_fmt(r['fidelity'][c]['kid_test'])} | {_fmt(r['fidelity'][c]['fid_test'])}"
                            for c in clients)
         L.append(f"| {r['cut']} | {cells} | {_fmt(r['overall']['kid_test'])} |")
+    for label, r in base_rows.items():
+        cells = " | ".join(f"{_fmt(r['fidelity'][c]['kid_test'])} | {_fmt(r['fidelity'][c]['fid_test'])}"
+                           for c in clients)
+        L.append(f"| {label} | {cells} | {_fmt(r['overall']['kid_test'])} |")
     L += ["", "![](fidelity_kid.png)", "", "![](fidelity_fid.png)", "",
           "## Disclosure (honest-but-curious server; mean over clients)", "",
           "| cut | linkage top-1 | PSNR rescale (dB) | PSNR Tweedie, server model (dB) | SSIM Tweedie | upload MSE "
@@ -284,16 +333,21 @@ def write_sweep_report(runs: dict[int, Path], out: Path, cfg: Config, command: s
         L.append(f"| {r['cut']} | {_fmt(mean('linkage_top1'))} | {_fmt(mean('psnr_rescale'))} | "
                  f"{_fmt(mean('psnr_tweedie_server'))} | {_fmt(mean('ssim_tweedie_server'))} | "
                  f"{_fmt(mean('proxy_upload_mse'))} | {_exact_seed_cell(ds)} |")
+    for label, r in base_rows.items():
+        L.append(f"| {label} | {FEDAVG_DISCLOSURE if r['algorithm'] == 'fedavg' else 'see its own report'} "
+                 "| | | | | |")
     L += ["", "![](disclosure_linkage.png)", "", "![](disclosure_psnr.png)", "",
           "## Client compute and communication", "",
           "| cut | client training FLOPs | one client's share (training) | client FLOPs / image | client share "
-          "(sampling) | client train s (measured) | upload bytes / client |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+          "(sampling) | client train s (measured) | upload bytes / client | download bytes / client |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, r in [*((r["cut"], r) for r in rows), *base_rows.items()]:
         cp = r["compute"]
-        up = sum(r["communication"][c]["uploaded_bytes_training"] for c in clients) / len(clients)
-        L.append(f"| {r['cut']} | {_fmt(cp['client_train_flops'])} | {_fmt(cp['client_share_train'])} | "
+        up, down = (sum(r["communication"][c][k] or 0 for c in clients) / len(clients)
+                    for k in ("uploaded_bytes_training", "downloaded_bytes_training"))
+        L.append(f"| {name} | {_fmt(cp['client_train_flops'])} | {_fmt(cp['client_share_train'])} | "
                  f"{_fmt(cp['client_sample_flops_per_image'])} | {_fmt(cp['client_share_sample'])} | "
-                 f"{_fmt(cp['client_train_seconds'])} | {_fmt(up)} |")
+                 f"{_fmt(cp['client_train_seconds'])} | {_fmt(up)} | {_fmt(down)} |")
     L += ["", "![](compute.png)", "", "![](communication.png)", ""]
     if grid_path is not None:
         L += ["## Hand-offs and samples per cut (client 0; style of arXiv 2406.14429 Fig. 4)", "",
