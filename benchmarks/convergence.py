@@ -57,7 +57,7 @@ def parse_sampler(text: str) -> tuple[str, int, float]:
 
 def score(fed, spec: tuple[str, int, float], n: int, extractor, tag: str) -> dict[str, float]:
     """Mean and per-client classifier FID of ``n`` samples per client drawn with sampler ``spec``."""
-    from collafuse.evaluate import sample_fids
+    from collafuse.evaluation.evaluate import sample_fids
 
     kind, steps, eta = spec
     sp = fed.cfg.sample
@@ -91,13 +91,13 @@ def main() -> int:
     import torch
     from tqdm import tqdm
 
-    from collafuse.checkpoint import write_text_atomic
+    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.config import load_config
-    from collafuse.evaluate import classifier_arrays
-    from collafuse.features import get_extractor
-    from collafuse.report import write_client_images
-    from collafuse.runner import Federation
-    from collafuse.seeding import read_secrets_file, write_secrets_file
+    from collafuse.evaluation.evaluate import classifier_arrays
+    from collafuse.evaluation.features import get_extractor
+    from collafuse.evaluation.report import write_client_images
+    from collafuse.split.runner import Federation
+    from collafuse.split.seeding import read_secrets_file, write_secrets_file
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -194,7 +194,7 @@ def main() -> int:
 def summarize(state: dict, meta: dict, json_path: Path | None, plot_path: Path) -> None:
     """Table, ratios to the first recipe, JSON and plot of every run in the benchmark's state (all recipes run
     into this --out so far, not only this invocation's)."""
-    from collafuse.checkpoint import write_text_atomic
+    from collafuse.split.checkpoint import write_text_atomic
 
     runs = state["runs"]
     recipes = list(dict.fromkeys(rs["recipe"] for rs in runs.values()))

@@ -39,9 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from collafuse.config import load_config  # noqa: E402
-from collafuse.evaluate import disclosure_section, fidelity_section  # noqa: E402
-from collafuse.features import get_extractor  # noqa: E402
-from collafuse.runner import Federation, load_run  # noqa: E402
+from collafuse.evaluation.evaluate import disclosure_section, fidelity_section  # noqa: E402
+from collafuse.evaluation.features import get_extractor  # noqa: E402
+from collafuse.split.runner import Federation, load_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 120.0  # issue 3: 1,000 samples per client evaluated in at most 2 minutes on 2 cores

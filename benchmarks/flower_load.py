@@ -224,7 +224,7 @@ def run_one(a) -> int:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from collafuse.runner import Orchestrator
+    from collafuse.split.runner import Orchestrator
 
     n = a.one
     out = (a.work / f"n{n:02d}").resolve()
@@ -306,7 +306,7 @@ def run_one(a) -> int:
 # -- analysis (parent) -------------------------------------------------------------------------------------------------
 def analyse(a, n: int, out: Path, wall: float) -> dict:
     """Per-round numbers and the checks, from the child's bench.json and the run's own files."""
-    from collafuse.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from collafuse.split.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
     from collafuse.config import load_config
 
     checks: list[tuple[str, bool, str]] = []

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def in_process(config: Path, overrides: list[str]) -> list[float]:
     from collafuse.config import load_config
-    from collafuse.runner import Federation
+    from collafuse.split.runner import Federation
 
     fed = Federation(load_config(config, overrides))
     seconds, clock = [], [time.perf_counter()]

@@ -34,7 +34,7 @@ def main() -> int:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     from collafuse.config import load_config
-    from collafuse.seeding import write_secrets_file
+    from collafuse.split.seeding import write_secrets_file
 
     n_clients = load_config(a.config, a.overrides).data.num_clients
     secrets = {}

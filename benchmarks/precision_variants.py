@@ -37,7 +37,7 @@ from diffusers.training_utils import EMAModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from collafuse.config import ModelConfig
-from collafuse.models import build_unet
+from collafuse.split.models import build_unet
 
 
 @dataclass(frozen=True)

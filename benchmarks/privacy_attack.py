@@ -26,9 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from collafuse.disclosure import exact_seed_attack, rescale_reconstruct  # noqa: E402
-from collafuse.runner import load_run  # noqa: E402
-from collafuse.seeding import generator  # noqa: E402
+from collafuse.evaluation.disclosure import exact_seed_attack, rescale_reconstruct  # noqa: E402
+from collafuse.split.runner import load_run  # noqa: E402
+from collafuse.split.seeding import generator  # noqa: E402
 from conftest import synthetic_clients, tiny_config  # noqa: E402
 from server_attacker import posterior_mean_iid, psnr, reconstructions, restored_server, train_run  # noqa: E402
 

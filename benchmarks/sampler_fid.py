@@ -21,10 +21,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from collafuse.checkpoint import write_text_atomic
-from collafuse.evaluate import classifier_arrays, sample_fids
-from collafuse.features import get_extractor
-from collafuse.runner import load_run
+from collafuse.split.checkpoint import write_text_atomic
+from collafuse.evaluation.evaluate import classifier_arrays, sample_fids
+from collafuse.evaluation.features import get_extractor
+from collafuse.split.runner import load_run
 
 
 def parse_spec(text: str) -> tuple[str, int, float]:

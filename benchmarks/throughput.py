@@ -59,12 +59,12 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from collafuse.compute import count_flops  # noqa: E402
+from collafuse.evaluation.compute import count_flops  # noqa: E402
 from collafuse.config import Config, ModelConfig, load_config  # noqa: E402
-from collafuse.diffusion import BETA_SCHEDULES  # noqa: E402
-from collafuse.models import build_unet  # noqa: E402
-from collafuse.protocol import SERVER, Message  # noqa: E402
-from collafuse.runner import Federation  # noqa: E402
+from collafuse.split.diffusion import BETA_SCHEDULES  # noqa: E402
+from collafuse.split.models import build_unet  # noqa: E402
+from collafuse.split.protocol import SERVER, Message  # noqa: E402
+from collafuse.split.runner import Federation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_OVERHEAD_PCT = 5.0

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collafuse.accounting import upload_privacy
+from collafuse.evaluation.accounting import upload_privacy
 from collafuse.config import load_config
-from collafuse.diffusion import DiffusionSchedule
+from collafuse.split.diffusion import DiffusionSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def main() -> int:
     if a.norms:
         import torch
 
-        from collafuse.data import load_client_datasets
+        from collafuse.data.partition import load_client_datasets
 
         clients = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)
         norms = torch.cat([cl.train_x.flatten(1).norm(dim=1) for cl in clients])

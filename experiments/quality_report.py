@@ -29,13 +29,13 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from collafuse.checkpoint import write_text_atomic
+    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.config import load_config
-    from collafuse.data import load_client_datasets
-    from collafuse.evaluate import classifier_arrays
-    from collafuse.features import get_extractor
-    from collafuse.fidelity import fid_kid
-    from collafuse.protocol import client_node
+    from collafuse.data.partition import load_client_datasets
+    from collafuse.evaluation.evaluate import classifier_arrays
+    from collafuse.evaluation.features import get_extractor
+    from collafuse.evaluation.fidelity import fid_kid
+    from collafuse.split.protocol import client_node
 
     state = json.loads((a.runs / "state.json").read_text())
     a.out.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 from collafuse.config import Config, config_from_dict  # noqa: E402
-from collafuse.data import ClientData  # noqa: E402
-from collafuse.seeding import ClientSecret  # noqa: E402
+from collafuse.data.partition import ClientData  # noqa: E402
+from collafuse.split.seeding import ClientSecret  # noqa: E402
 
 TINY = {
     "data": {"num_clients": 2, "max_train_per_client": 48, "max_test_per_client": 16},

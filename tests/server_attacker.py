@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from collafuse.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
+from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
 from collafuse.config import load_config
-from collafuse.disclosure import (
+from collafuse.evaluation.disclosure import (
     exact_seed_attack,
     gaussian_eps_fn,
     gaussian_prior_from_uploads,
@@ -28,10 +28,10 @@ from collafuse.disclosure import (
     server_eps_fn,
     tweedie_reconstruct,
 )
-from collafuse.protocol import SERVER
-from collafuse.runner import Federation
-from collafuse.server import Server
-from collafuse.transport import MessageLog
+from collafuse.split.protocol import SERVER
+from collafuse.split.runner import Federation
+from collafuse.split.server import Server
+from collafuse.split.transport import MessageLog
 
 
 def train_run(run_dir: Path, cfg, data) -> Federation:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.special import log_ndtr, ndtr
 
-from collafuse.accounting import gaussian_epsilon, image_sensitivity, upload_noise_std, upload_privacy
+from collafuse.evaluation.accounting import gaussian_epsilon, image_sensitivity, upload_noise_std, upload_privacy
 
 
 def closed_form_delta(eps: float, sigma: float, sensitivity: float) -> float:

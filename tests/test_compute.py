@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from collafuse.communication import communication_summary
-from collafuse.compute import (
+from collafuse.evaluation.communication import communication_summary
+from collafuse.evaluation.compute import (
     ENERGY_LABEL,
     count_flops,
     estimate_energy,
@@ -19,8 +19,8 @@ from collafuse.compute import (
     run_accounting,
     wall_time,
 )
-from collafuse.runner import Federation
-from collafuse.transport import MessageLog
+from collafuse.split.runner import Federation
+from collafuse.split.transport import MessageLog
 from conftest import synthetic_clients, tiny_config
 
 IMAGE_BYTES = 1 * 28 * 28 * 4  # one float32 [1, 28, 28] image

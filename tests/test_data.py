@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from collafuse.config import DataConfig
-from collafuse.data import (
+from collafuse.data.partition import (
     DataError,
     load_client_datasets,
     load_fashion_mnist,

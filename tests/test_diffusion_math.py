@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collafuse.client import Client
+from collafuse.split.client import Client
 from collafuse.config import DiffusionConfig
-from collafuse.diffusion import DiffusionSchedule
-from collafuse.server import Server
+from collafuse.split.diffusion import DiffusionSchedule
+from collafuse.split.server import Server
 from conftest import synthetic_clients, tiny_config
 
 MU, SIGMA = 0.3, 0.4

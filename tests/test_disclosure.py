@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from collafuse.accounting import clip_images
-from collafuse.client import Client
-from collafuse.diffusion import DiffusionSchedule
-from collafuse.disclosure import (
+from collafuse.evaluation.accounting import clip_images
+from collafuse.split.client import Client
+from collafuse.split.diffusion import DiffusionSchedule
+from collafuse.evaluation.disclosure import (
     averaging_attack,
     disclosure_report,
     effective_alpha_bar,
@@ -27,8 +27,8 @@ from collafuse.disclosure import (
     tweedie_reconstruct,
     unpaired_mse,
 )
-from collafuse.models import predict_eps
-from collafuse.server import Server
+from collafuse.split.models import predict_eps
+from collafuse.split.server import Server
 from conftest import synthetic_clients, tiny_config
 
 SHAPE = (1, 28, 28)
@@ -275,7 +275,7 @@ def test_disclosure_report_is_labelled_and_json_able():
 def test_exact_seed_attack_recovers_a_shared_seed_upload_and_fails_on_a_client_secret():
     """The report's exact-seed row: with noise from a seed in the shared config (the old scheme) the server
     rebuilds x0 to float precision; with the client's secret it gets a noisy image and ``recovered`` is False."""
-    from collafuse.seeding import generator
+    from collafuse.split.seeding import generator
 
     cfg = tiny_config()
     data = synthetic_clients(cfg, n=32)
@@ -303,7 +303,7 @@ def test_cpu_normal_stream_is_sequential_so_a_screen_of_rows_is_the_prefix_of_th
     """What the exact-seed attack's screening relies on: a CPU generator's randn over N rows starts with its randn
     over the first 512 rows (a multiple of 16, the sampler's block), whatever the row size, also when N * row is not
     a multiple of 16 (the sampler re-draws only the last block then)."""
-    from collafuse.seeding import generator
+    from collafuse.split.seeding import generator
 
     whole = torch.randn((601, *row_shape), generator=generator(7, "client0", "upload"))
     head = torch.randn((512, *row_shape), generator=generator(7, "client0", "upload"))
@@ -313,7 +313,7 @@ def test_cpu_normal_stream_is_sequential_so_a_screen_of_rows_is_the_prefix_of_th
 def test_exact_seed_attack_screens_candidates_on_a_prefix_and_replays_the_winner_over_the_whole_upload():
     """1,000 uploads, twice the screen: the planted stream still wins, and the reconstruction of the rows past the
     screen is the closed-form inversion with that stream (x0 to float precision)."""
-    from collafuse.seeding import generator
+    from collafuse.split.seeding import generator
 
     g = torch.Generator().manual_seed(11)
     x0 = torch.rand((1000, 1, 8, 8), generator=g) * 2 - 1

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from collafuse.protocol import SERVER, Message, ProtocolError
-from collafuse.runner import Federation
-from collafuse.transport import Delivery, InProcessTransport, handle_checked
+from collafuse.split.protocol import SERVER, Message, ProtocolError
+from collafuse.split.runner import Federation
+from collafuse.split.transport import Delivery, InProcessTransport, handle_checked
 from conftest import synthetic_clients, tiny_config
 
 

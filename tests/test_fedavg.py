@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
-from collafuse import fedavg
+from collafuse.split import fedavg
 from collafuse.config import ConfigError
-from collafuse.protocol import SERVER, Message, ProtocolError, check_message
-from collafuse.runner import Federation
-from collafuse.transport import InProcessTransport, handle_checked
+from collafuse.split.protocol import SERVER, Message, ProtocolError, check_message
+from collafuse.split.runner import Federation
+from collafuse.split.transport import InProcessTransport, handle_checked
 from conftest import fixed_secrets, synthetic_clients, tiny_config
 
 FEDAVG = {"algorithm": "fedavg"}
@@ -198,7 +198,7 @@ class DropClient1InRound2(InProcessTransport):
         if any(m.kind == "model_push" and m.meta["round"] == 2 for m in msgs):
             msgs_ok = [m for m in msgs if m.receiver != "client1"]
             out = {id(d.request): d for d in super().exchange(msgs_ok)}
-            from collafuse.transport import Delivery
+            from collafuse.split.transport import Delivery
             return [out.get(id(m)) or Delivery(m, error="unavailable: client1 dropped out") for m in msgs]
         return super().exchange(msgs)
 

@@ -12,10 +12,10 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from collafuse import features, fidelity
-from collafuse.data import load_fashion_mnist
-from collafuse.evaluate import sample_fids
-from collafuse.features import (
+from collafuse.evaluation import features, fidelity
+from collafuse.data.partition import load_fashion_mnist
+from collafuse.evaluation.evaluate import sample_fids
+from collafuse.evaluation.features import (
     ClassifierFeatures,
     ClassifierRecipe,
     FeatureError,
@@ -25,7 +25,7 @@ from collafuse.features import (
     load_or_train_classifier,
     train_classifier,
 )
-from collafuse.fidelity import (
+from collafuse.evaluation.fidelity import (
     compare_histograms,
     compare_label_mix,
     fid_kid,
@@ -34,7 +34,7 @@ from collafuse.fidelity import (
     label_histogram,
     total_variation,
 )
-from collafuse.runner import Federation
+from collafuse.split.runner import Federation
 from conftest import fixed_secrets, synthetic_clients, tiny_config
 
 TINY_RECIPE = ClassifierRecipe(seed=3, epochs=2, batch_size=16)

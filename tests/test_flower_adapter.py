@@ -18,11 +18,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from collafuse.config import config_from_dict  # noqa: E402
-from collafuse.data import export_client_folders  # noqa: E402
+from collafuse.data.partition import export_client_folders  # noqa: E402
 from collafuse.flower.codec import decode, encode  # noqa: E402
 from collafuse.flower.task import ClientNode, run_server  # noqa: E402
-from collafuse.protocol import SERVER, Message, ProtocolError  # noqa: E402
-from collafuse.runner import Federation  # noqa: E402
+from collafuse.split.protocol import SERVER, Message, ProtocolError  # noqa: E402
+from collafuse.split.runner import Federation  # noqa: E402
 from conftest import TINY, fixed_secrets, merge  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def setup(idx_dataset, tmp_path):
 
 
 def _server_weights(out_dir):
-    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+    from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint
 
     nodes, state = load_checkpoint(latest_checkpoint(out_dir / "checkpoints"))
     return nodes[SERVER][0], state
@@ -136,7 +136,7 @@ def test_malformed_flower_content_is_a_protocol_error(content, match):
 def test_fedavg_over_the_flower_adapter_equals_fedavg_in_process_bit_for_bit(setup):
     """split.algorithm = "fedavg" through the same Orchestrator, FlowerTransport and ClientApp code: the global weights,
     every client's final weights, EMA and Adam state, and the losses equal the in-process run's, with tolerance 0."""
-    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+    from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint
 
     rc = {**setup.run_config, "set": "train.rounds=2; split.algorithm=fedavg", "samples": 3}
     metrics = run_server(FakeGrid(rc, setup.nodes), rc)
@@ -291,7 +291,7 @@ def test_a_malformed_upload_over_flower_is_refused_and_never_poisons_the_server(
     assert '"kind": "error"' in client_log
     server_log = [json.loads(x) for x in (setup.tmp / "server" / "message_log.jsonl").read_text().splitlines()]
     assert any(r.get("rejected") for r in server_log)  # the audit log marks the refusal
-    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+    from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint
 
     nodes, _ = load_checkpoint(latest_checkpoint(setup.tmp / "server" / "checkpoints"))
     w, meta = nodes[SERVER]
@@ -335,7 +335,7 @@ def test_npy_bytes_that_are_not_the_declared_float32_are_refused_and_the_run_goe
     rejected = [r for r in server_log if r.get("rejected")]
     assert rejected and all(r["sender"] == "client1" for r in rejected)
     assert "declared float32" in rejected[0]["rejected"]
-    from collafuse.checkpoint import latest_checkpoint, load_checkpoint
+    from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint
 
     nodes, _ = load_checkpoint(latest_checkpoint(setup.tmp / "server" / "checkpoints"))
     assert set(nodes[SERVER][1]["client_labels"]) == {"0"}  # client1's upload never reached the server
@@ -408,7 +408,7 @@ def test_flower_pki_makes_a_chain_clients_can_verify(tmp_path, capsys):
 
 
 def test_export_client_data_gives_each_site_only_its_images(setup):
-    from collafuse.data import load_client_datasets, load_client_source
+    from collafuse.data.partition import load_client_datasets, load_client_source
 
     ref = load_client_datasets(setup.cfg.data, setup.cfg.num_classes, setup.cfg.seeds.data)
     for i, node in enumerate(setup.nodes.values()):
@@ -444,7 +444,7 @@ def test_a_node_with_a_bad_node_config_says_which_key(setup, node_config, match)
 def test_an_attacker_with_everything_the_flower_server_holds_cannot_beat_the_posterior_mean(setup):
     """The attacker of test_privacy.py over the Flower adapter: the server's run directory, the run config and
     every message that reached the ServerApp. Each node made its own secret from OS entropy in its state dir."""
-    from collafuse.seeding import ClientSecret
+    from collafuse.split.seeding import ClientSecret
     from server_attacker import (
         posterior_mean_iid,
         psnr,

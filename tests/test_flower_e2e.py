@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from collafuse.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from collafuse.config import config_from_dict  # noqa: E402
 from collafuse.flower.launch import (  # noqa: E402
     check_finished,
@@ -32,8 +32,8 @@ from collafuse.flower.launch import (  # noqa: E402
     start_deployment,
     start_flwr_run,
 )
-from collafuse.protocol import SERVER  # noqa: E402
-from collafuse.runner import Federation  # noqa: E402
+from collafuse.split.protocol import SERVER  # noqa: E402
+from collafuse.split.runner import Federation  # noqa: E402
 from conftest import TINY, fixed_secrets, merge  # noqa: E402
 
 pytestmark = pytest.mark.flower_e2e

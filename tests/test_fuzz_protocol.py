@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from collafuse.flower.codec import decode, encode  # noqa: E402
-from collafuse.protocol import (  # noqa: E402
+from collafuse.split.protocol import (  # noqa: E402
     ANY_CLIENT,
     SERVER,
     SPECS,
@@ -44,8 +44,8 @@ from collafuse.protocol import (  # noqa: E402
     check_message,
     client_index,
 )
-from collafuse.runner import Federation  # noqa: E402
-from collafuse.transport import MessageLog, error_reply, handle_checked  # noqa: E402
+from collafuse.split.runner import Federation  # noqa: E402
+from collafuse.split.transport import MessageLog, error_reply, handle_checked  # noqa: E402
 from conftest import synthetic_clients, tiny_config  # noqa: E402
 
 # -- profiles -----------------------------------------------------------------------------------------------------

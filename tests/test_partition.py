@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from collafuse.config import ConfigError, DataConfig, config_from_dict
-from collafuse.data import DataError, attribute_group_indices, load_client_datasets
+from collafuse.data.partition import DataError, attribute_group_indices, load_client_datasets
 from conftest import TINY, merge
 
 
@@ -79,8 +79,8 @@ def _image_folder(root, classes, n, size, rng):
 
 
 def test_each_client_reads_only_its_own_folder_and_a_tiny_run_goes_end_to_end(tmp_path):
-    pytest.importorskip("collafuse.sources")
-    from collafuse.runner import Federation
+    pytest.importorskip("collafuse.data.sources")
+    from collafuse.split.runner import Federation
 
     rng = np.random.default_rng(0)
     sites = [tmp_path / "hospital_a", tmp_path / "hospital_b"]
@@ -134,7 +134,7 @@ def test_shipped_configs_build_models_that_fit_their_images(path, shape):
     from pathlib import Path
 
     from collafuse.config import load_config
-    from collafuse.models import LabelEncoder, node_model
+    from collafuse.split.models import LabelEncoder, node_model
 
     cfg = load_config(Path(__file__).resolve().parents[1] / path, ["run.device=\"cpu\""])
     assert cfg.image_shape == shape

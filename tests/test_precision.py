@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from collafuse.config import ConfigError
-from collafuse.learner import resolve_precision
-from collafuse.runner import Federation
+from collafuse.split.learner import resolve_precision
+from collafuse.split.runner import Federation
 from conftest import fixed_secrets, synthetic_clients, tiny_config
 
 
@@ -87,8 +87,8 @@ def test_cpu_attention_runs_the_math_kernel_with_the_default_kernels_result(prec
     from torch.profiler import ProfilerActivity, profile
 
     from collafuse.config import ModelConfig, TrainConfig
-    from collafuse.learner import Learner
-    from collafuse.models import build_unet
+    from collafuse.split.learner import Learner
+    from collafuse.split.models import build_unet
 
     cfg = ModelConfig(block_out_channels=[8, 16], norm_num_groups=4, mid_attention=True)
     g = torch.Generator().manual_seed(0)

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from collafuse.checkpoint import write_text_atomic
-from collafuse.client import Client
+from collafuse.split.checkpoint import write_text_atomic
+from collafuse.split.client import Client
 from collafuse.config import ConfigError, config_from_dict
-from collafuse.protocol import SERVER, SPECS, Message, ProtocolError, check_message
-from collafuse.runner import Federation
-from collafuse.seeding import ClientSecret, generator
+from collafuse.split.protocol import SERVER, SPECS, Message, ProtocolError, check_message
+from collafuse.split.runner import Federation
+from collafuse.split.seeding import ClientSecret, generator
 from conftest import TINY, fixed_secrets, merge, synthetic_clients, tiny_config
 from server_attacker import (
     posterior_mean_iid,

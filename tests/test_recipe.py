@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from collafuse.config import ConfigError, DiffusionConfig
-from collafuse.diffusion import DiffusionSchedule
-from collafuse.runner import Federation
+from collafuse.split.diffusion import DiffusionSchedule
+from collafuse.split.runner import Federation
 from conftest import fixed_secrets, synthetic_clients, tiny_config
 from test_reference_values import cosine_alpha_bar
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from collafuse.config import DiffusionConfig
-from collafuse.diffusion import DiffusionSchedule, split_timesteps
+from collafuse.split.diffusion import DiffusionSchedule, split_timesteps
 
 
 def cosine_alpha_bar(T: int, s: float = 0.008) -> np.ndarray:

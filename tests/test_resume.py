@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import collafuse.checkpoint as checkpoint
-from collafuse.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from collafuse.runner import Federation
+import collafuse.split.checkpoint as checkpoint
+from collafuse.split.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from collafuse.split.runner import Federation
 from conftest import fixed_secrets, synthetic_clients, tiny_config
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from collafuse.cli import main
-from collafuse.client import Client
-from collafuse.runner import Federation
-from collafuse.seeding import (
+from collafuse.split.client import Client
+from collafuse.split.runner import Federation
+from collafuse.split.seeding import (
     ClientSecret,
     SecretError,
     load_or_create_secret,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from collafuse.data import DataError
-from collafuse.sources import (
+from collafuse.data.partition import DataError
+from collafuse.data.sources import (
     IDX_FILES,
     ImageSet,
     holdout,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collafuse.client import Client
-from collafuse.diffusion import DiffusionSchedule, split_timesteps
-from collafuse.server import Server
+from collafuse.split.client import Client
+from collafuse.split.diffusion import DiffusionSchedule, split_timesteps
+from collafuse.split.server import Server
 from conftest import synthetic_clients, tiny_config
 
 T = 20

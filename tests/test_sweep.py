@@ -12,10 +12,10 @@ import tomli_w
 import torch
 
 from collafuse.cli import main
-from collafuse.compute import build_node_model
+from collafuse.evaluation.compute import build_node_model
 from collafuse.config import ConfigError, load_config
-from collafuse.sweep import parse_cuts
-from collafuse.sweep_report import hypotheses
+from collafuse.evaluation.sweep import parse_cuts
+from collafuse.evaluation.sweep_report import hypotheses
 from conftest import TINY, merge
 
 T = TINY["diffusion"]["timesteps"]
@@ -132,8 +132,8 @@ def test_second_evaluation_goes_to_its_own_file(sweep_toml, tmp_path, capsys):
 def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml, tmp_path, monkeypatch):
     """A sampler override after an evaluation samples again instead of scoring the cached samples; the same
     settings reuse the cache; a newer checkpoint samples again."""
-    from collafuse import evaluate as ev
-    from collafuse.runner import load_run
+    from collafuse.evaluation import evaluate as ev
+    from collafuse.split.runner import load_run
 
     run = tmp_path / "run"
     assert main(["run", str(sweep_toml), "--out", str(run), "--quiet", "--set", "train.rounds=1"]) == 0
@@ -155,7 +155,7 @@ def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml
     assert len(list((run / "eval").glob("samples_client0_n4_*.safetensors"))) == 6
     # The same settings under a changed grid builder (as when DPM-Solver's short-server-segment grid was fixed)
     # sample again: the key holds the grid itself.
-    from collafuse.diffusion import DiffusionSchedule
+    from collafuse.split.diffusion import DiffusionSchedule
 
     real_grid = DiffusionSchedule.sampler
     with monkeypatch.context() as m:

@@ -13,11 +13,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .split.checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
-from .data import DataError
+from .data.partition import DataError
 from .flower.launch import LaunchError
-from .seeding import SecretError  # imports no flwr: launch only starts Flower's processes
+from .split.seeding import SecretError  # imports no flwr: launch only starts Flower's processes
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SecretError)
 
@@ -121,13 +121,13 @@ def _with_device(overrides: list[str], device: str | None) -> list[str]:
 
 
 def _secrets(args) -> dict | None:
-    from .seeding import read_secrets_file
+    from .split.seeding import read_secrets_file
 
     return read_secrets_file(Path(args.client_secrets)) if args.client_secrets else None
 
 
 def cmd_secrets(args) -> int:
-    from .seeding import write_secrets_file
+    from .split.seeding import write_secrets_file
 
     if args.clients < 1:
         raise ConfigError(f"--clients = {args.clients} is invalid (allowed: an integer >= 1)")
@@ -137,7 +137,7 @@ def cmd_secrets(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .experiment import run_experiment
+    from .evaluation.experiment import run_experiment
 
     cfg: Config = load_config(args.config, _with_device(args.overrides, args.device))
     out = Path(args.out)
@@ -153,9 +153,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .report import write_client_images
-    from .runner import load_run
-    from .transport import MessageLog
+    from .evaluation.report import write_client_images
+    from .split.runner import load_run
+    from .split.transport import MessageLog
 
     if args.n < 1:
         raise ConfigError(f"--n = {args.n} is invalid (allowed: an integer >= 1)")
@@ -172,7 +172,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
+    from .evaluation.evaluate import evaluate_run
 
     run_dir = Path(args.run_dir)
     result = evaluate_run(run_dir, _with_device(args.overrides, args.device), progress=not args.quiet,
@@ -183,7 +183,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import parse_baseline, parse_cuts, parse_seeds, run_sweep
+    from .evaluation.sweep import parse_baseline, parse_cuts, parse_seeds, run_sweep
 
     overrides = _with_device(args.overrides, args.device)
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
@@ -242,7 +242,7 @@ def cmd_pki(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .data import export_client_folders
+    from .data.partition import export_client_folders
 
     cfg = load_config(args.config, args.overrides)
     for d in export_client_folders(cfg.data, cfg.num_classes, cfg.seeds.data, Path(args.out)):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from ..protocol import SPECS, Message, ProtocolError, show
+from ..split.protocol import SPECS, Message, ProtocolError, show
 
 MESSAGE_TYPE = "query.collafuse"
 _ENVELOPE = ("kind", "sender", "receiver")

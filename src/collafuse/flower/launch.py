@@ -304,7 +304,7 @@ class Deployment:
 def start_deployment(procs: Processes, config: Path, overrides: Sequence[str], nodes: int,
                      extra_keys: Sequence[str] = ()) -> Deployment:
     """PKI, per-client data folders, a TLS + auth SuperLink, registered keys and ``nodes`` SuperNodes."""
-    from ..data import export_client_folders
+    from ..data.partition import export_client_folders
     from .pki import make_loopback_pki
 
     cfg = load_config(Path(config), list(overrides))

@@ -32,16 +32,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
-from ..client import Client
+from ..split.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from ..split.client import Client
 from ..config import Config, ConfigError, load_config
-from ..data import load_client_datasets, load_client_source
-from ..images import save_grid
-from ..protocol import ANY_CLIENT, Message, ProtocolError, bounded_reason, check_message, client_node
-from ..runner import Orchestrator
-from ..seeding import load_or_create_secret, read_secret_file
-from ..server import Server
-from ..transport import MessageLog, handle_checked
+from ..data.partition import load_client_datasets, load_client_source
+from ..data.images import save_grid
+from ..split.protocol import ANY_CLIENT, Message, ProtocolError, bounded_reason, check_message, client_node
+from ..split.runner import Orchestrator
+from ..split.seeding import load_or_create_secret, read_secret_file
+from ..split.server import Server
+from ..split.transport import MessageLog, handle_checked
 from .codec import decode, encode
 
 logger = logging.getLogger("collafuse.flower")

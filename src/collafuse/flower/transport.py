@@ -23,7 +23,7 @@ import time
 from flwr.app import Message as FlowerMessage
 from flwr.app import RecordDict
 
-from ..protocol import (
+from ..split.protocol import (
     ANY_CLIENT,
     SERVER,
     Message,
@@ -33,7 +33,7 @@ from ..protocol import (
     client_index,
     show,
 )
-from ..transport import Delivery, MessageLog, Transport
+from ..split.transport import Delivery, MessageLog, Transport
 from .codec import MESSAGE_TYPE, decode, encode
 
 logger = logging.getLogger("collafuse.flower")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .data import DataError, read_idx
+from .partition import DataError, read_idx
 
 SOURCES = ("idx", "image-folder", "cifar10", "celeba", "sklearn-digits", "lfw-subset")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

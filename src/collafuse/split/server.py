@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fedavg
-from .config import Config
+from ..config import Config
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import latest_checkpoint, write_text_atomic
-from .config import Config, ConfigError, load_config
+from ..split.checkpoint import latest_checkpoint, write_text_atomic
+from ..config import Config, ConfigError, load_config
 from .evaluate import evaluate_run
 from .experiment import run_experiment
 
@@ -119,7 +119,7 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
             raise ConfigError("--client-secrets and --seeds exclude each other (with --seeds each seed's clients "
                               "get secrets of their own, DIR/seed_K/client-secrets.toml)")
         from .seed_summary import write_seed_summary
-        from .seeding import read_secrets_file, write_secrets_file
+        from ..split.seeding import read_secrets_file, write_secrets_file
 
         runs_by_seed = {}
         base_by_seed = {label: {s: r for s in seeds if (r := baseline_run(d / f"seed_{s}", label)) is not None}

@@ -11,9 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fedavg
-from .accounting import clip_images
-from .config import Config
-from .data import ClientData
+from ..evaluation.accounting import clip_images
+from ..config import Config
+from ..data.partition import ClientData
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
 from .models import client_labels, client_model_config, node_model, predict_eps

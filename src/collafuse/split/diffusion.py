@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from .config import DiffusionConfig
+from ..config import DiffusionConfig
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t, diffusers timestep) -> standard epsilon prediction
 

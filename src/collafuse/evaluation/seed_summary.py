@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from ..split.checkpoint import write_text_atomic
 from .sweep_report import FEDAVG_DISCLOSURE, hypotheses, mark_baselines, summarize
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import write_text_atomic
-from .images import save_grid
-from .models import count_params
-from .protocol import SERVER
-from .runner import Federation
+from ..split.checkpoint import write_text_atomic
+from ..data.images import save_grid
+from ..split.models import count_params
+from ..split.protocol import SERVER
+from ..split.runner import Federation
 
 
 def real_images(fed: Federation, client: int, n: int) -> torch.Tensor:

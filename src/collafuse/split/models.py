@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from .config import Config, ModelConfig
+from ..config import Config, ModelConfig
 from .seeding import derive_seed
 
 

@@ -40,9 +40,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import DataConfig
-from .data import DataError, load_fashion_mnist, to_model_range
-from .seeding import derive_seed
+from ..config import DataConfig
+from ..data.partition import DataError, load_fashion_mnist, to_model_range
+from ..split.seeding import derive_seed
 
 ARCH_VERSION = "lenet-s2bn-v1"  # bump whenever LeNet or its training changes: old cache entries then never match
 EXTRACTORS = ("classifier", "inception")

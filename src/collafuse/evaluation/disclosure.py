@@ -34,11 +34,11 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .accounting import clip_images
-from .models import predict_eps
-from .seeding import generator as shared_generator
+from ..split.models import predict_eps
+from ..split.seeding import generator as shared_generator
 
 if TYPE_CHECKING:  # only for annotations: a Server pulls in the whole training stack
-    from .server import Server
+    from ..split.server import Server
 
 # (x [B, C, H, W] at one fixed noise level, labels [B] or None) -> the standard epsilon prediction E[eps | x].
 EpsPredictor = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -25,17 +25,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .accounting import upload_privacy
-from .checkpoint import latest_checkpoint, write_text_atomic
+from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 from .disclosure import disclosure_report
 from .features import get_extractor
 from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
-from .models import client_model_config
-from .protocol import SERVER
-from .runner import Federation, load_run
-from .seeding import generator
+from ..split.models import client_model_config
+from ..split.protocol import SERVER
+from ..split.runner import Federation, load_run
+from ..split.seeding import generator
 
 
 def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dict:
@@ -197,7 +197,7 @@ def classifier_arrays(cfg: Config) -> dict | None:
         raise ConfigError(f"data.dataset = {cfg.data.dataset!r} has no labels, so eval.extractor = 'classifier' and "
                           f"the label histograms cannot be computed (allowed: a labelled dataset; for unlabelled data "
                           f"use eval.extractor = 'inception' with its weights file)")
-    from .data import load_splits
+    from ..data.partition import load_splits
 
     train, test = load_splits(cfg.data)
 

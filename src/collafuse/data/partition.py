@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from ..config import DataConfig
 
 FASHION_MNIST_FILES = {
     "train_x": "train-images-idx3-ubyte.gz",
@@ -191,7 +191,7 @@ def load_client_datasets(cfg: DataConfig, num_classes: int, seed: int) -> list[C
 def load_splits(cfg: DataConfig, root: str | Path | None = None):
     """(train, test) ``sources.ImageSet`` of the configured source at the configured size. Fashion-MNIST at its
     native size is read directly (the path every committed result used), everything else through sources."""
-    from .config import DATASET_DEFAULTS
+    from ..config import DATASET_DEFAULTS
     from .sources import ImageSet, load_source
 
     root = cfg.root if root is None else root

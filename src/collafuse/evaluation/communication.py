@@ -16,8 +16,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .protocol import SERVER
-from .transport import MessageLog
+from ..split.protocol import SERVER
+from ..split.transport import MessageLog
 
 BYTES_UNIT = "bytes of array payload (numel x element size); message framing and meta scalars not counted"
 SAMPLING_KINDS = ("sample_request", "sample_response")

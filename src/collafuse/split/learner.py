@@ -16,7 +16,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
