@@ -91,11 +91,11 @@ def main() -> int:
     import torch
     from tqdm import tqdm
 
-    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.config import load_config
     from collafuse.evaluation.evaluate import classifier_arrays
     from collafuse.evaluation.features import get_extractor
     from collafuse.evaluation.report import write_client_images
+    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.split.runner import Federation
     from collafuse.split.seeding import read_secrets_file, write_secrets_file
 

@@ -15,9 +15,9 @@ import argparse
 import math
 from pathlib import Path
 
-from collafuse.evaluation.compute import measure_node_flops, run_accounting
 from collafuse.config import load_config
 from collafuse.data.partition import load_client_datasets
+from collafuse.evaluation.compute import measure_node_flops, run_accounting
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,12 +32,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     a = p.parse_args()
 
-    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.config import load_config
     from collafuse.data.partition import load_client_datasets
     from collafuse.evaluation.evaluate import classifier_arrays, real_subset
     from collafuse.evaluation.features import get_extractor
     from collafuse.evaluation.fidelity import fid_kid
+    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.split.protocol import client_node
 
     cfg = load_config(a.config, [f"eval.extractor={a.extractor}"] if a.extractor else [])

@@ -306,8 +306,8 @@ def run_one(a) -> int:
 # -- analysis (parent) -------------------------------------------------------------------------------------------------
 def analyse(a, n: int, out: Path, wall: float) -> dict:
     """Per-round numbers and the checks, from the child's bench.json and the run's own files."""
-    from collafuse.split.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
     from collafuse.config import load_config
+    from collafuse.split.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     checks: list[tuple[str, bool, str]] = []
 

@@ -21,9 +21,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from collafuse.split.checkpoint import write_text_atomic
 from collafuse.evaluation.evaluate import classifier_arrays, sample_fids
 from collafuse.evaluation.features import get_extractor
+from collafuse.split.checkpoint import write_text_atomic
 from collafuse.split.runner import load_run
 
 

@@ -59,8 +59,8 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from collafuse.evaluation.compute import count_flops  # noqa: E402
 from collafuse.config import Config, ModelConfig, load_config  # noqa: E402
+from collafuse.evaluation.compute import count_flops  # noqa: E402
 from collafuse.split.diffusion import BETA_SCHEDULES  # noqa: E402
 from collafuse.split.models import build_unet  # noqa: E402
 from collafuse.split.protocol import SERVER, Message  # noqa: E402

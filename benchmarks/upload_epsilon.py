@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collafuse.evaluation.accounting import upload_privacy
 from collafuse.config import load_config
+from collafuse.evaluation.accounting import upload_privacy
 from collafuse.split.diffusion import DiffusionSchedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,12 +29,12 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.config import load_config
     from collafuse.data.partition import load_client_datasets
     from collafuse.evaluation.evaluate import classifier_arrays
     from collafuse.evaluation.features import get_extractor
     from collafuse.evaluation.fidelity import fid_kid
+    from collafuse.split.checkpoint import write_text_atomic
     from collafuse.split.protocol import client_node
 
     state = json.loads((a.runs / "state.json").read_text())

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
 from collafuse.config import load_config
 from collafuse.evaluation.disclosure import (
     exact_seed_attack,
@@ -28,6 +27,7 @@ from collafuse.evaluation.disclosure import (
     server_eps_fn,
     tweedie_reconstruct,
 )
+from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
 from collafuse.split.protocol import SERVER
 from collafuse.split.runner import Federation
 from collafuse.split.server import Server

@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 
 from collafuse.config import DataConfig
-from collafuse.data.partition import (
-    DataError,
-    load_client_datasets,
-    load_fashion_mnist,
-    partition_matrix,
-    read_idx,
-    split_indices,
-)
+from collafuse.data.common import DataError
+from collafuse.data.idx import load_fashion_mnist, read_idx
+from collafuse.data.partition import load_client_datasets, partition_matrix, split_indices
 from conftest import write_idx
 
 REAL = Path("/usr/share/datasets/fashion-mnist")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collafuse.split.client import Client
 from collafuse.config import DiffusionConfig
+from collafuse.split.client import Client
 from collafuse.split.diffusion import DiffusionSchedule
 from collafuse.split.server import Server
 from conftest import synthetic_clients, tiny_config

@@ -9,9 +9,6 @@ import math
 import pytest
 import torch
 
-from collafuse.evaluation.accounting import clip_images
-from collafuse.split.client import Client
-from collafuse.split.diffusion import DiffusionSchedule
 from collafuse.evaluation.disclosure import (
     averaging_attack,
     disclosure_report,
@@ -27,8 +24,11 @@ from collafuse.evaluation.disclosure import (
     tweedie_reconstruct,
     unpaired_mse,
 )
+from collafuse.split.client import Client
+from collafuse.split.diffusion import DiffusionSchedule
 from collafuse.split.models import predict_eps
 from collafuse.split.server import Server
+from collafuse.split.upload import clip_images
 from conftest import synthetic_clients, tiny_config
 
 SHAPE = (1, 28, 28)

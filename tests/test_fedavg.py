@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
-from collafuse.split import fedavg
 from collafuse.config import ConfigError
+from collafuse.split import fedavg
 from collafuse.split.protocol import SERVER, Message, ProtocolError, check_message
 from collafuse.split.runner import Federation
 from collafuse.split.transport import InProcessTransport, handle_checked

@@ -12,8 +12,8 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from collafuse.data.idx import load_fashion_mnist
 from collafuse.evaluation import features, fidelity
-from collafuse.data.partition import load_fashion_mnist
 from collafuse.evaluation.evaluate import sample_fids
 from collafuse.evaluation.features import (
     ClassifierFeatures,

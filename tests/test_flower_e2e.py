@@ -20,7 +20,6 @@ import torch
 
 pytest.importorskip("flwr")
 
-from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from collafuse.config import config_from_dict  # noqa: E402
 from collafuse.flower.launch import (  # noqa: E402
     check_finished,
@@ -32,6 +31,7 @@ from collafuse.flower.launch import (  # noqa: E402
     start_deployment,
     start_flwr_run,
 )
+from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from collafuse.split.protocol import SERVER  # noqa: E402
 from collafuse.split.runner import Federation  # noqa: E402
 from conftest import TINY, fixed_secrets, merge  # noqa: E402

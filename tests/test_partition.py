@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from collafuse.config import ConfigError, DataConfig, config_from_dict
-from collafuse.data.partition import DataError, attribute_group_indices, load_client_datasets
+from collafuse.data.common import DataError
+from collafuse.data.partition import attribute_group_indices, load_client_datasets
 from conftest import TINY, merge
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from collafuse.config import ConfigError, config_from_dict
 from collafuse.split.checkpoint import write_text_atomic
 from collafuse.split.client import Client
-from collafuse.config import ConfigError, config_from_dict
 from collafuse.split.protocol import SERVER, SPECS, Message, ProtocolError, check_message
 from collafuse.split.runner import Federation
 from collafuse.split.seeding import ClientSecret, generator

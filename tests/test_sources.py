@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from collafuse.data.partition import DataError
-from collafuse.data.sources import (
-    IDX_FILES,
-    ImageSet,
-    holdout,
-    load_image,
-    load_source,
-    read_celeba,
-    read_cifar10,
-    read_idx_folder,
-    read_image_folder,
-    sklearn_digits,
-)
+from collafuse.data.celeba import read_celeba
+from collafuse.data.cifar10 import read_cifar10
+from collafuse.data.common import DataError, ImageSet, holdout, load_image
+from collafuse.data.idx import IDX_FILES, read_idx_folder
+from collafuse.data.image_folder import read_image_folder
+from collafuse.data.sklearn_digits import sklearn_digits
+from collafuse.data.sources import load_source
 from conftest import write_idx
 
 CELEBA_ATTRIBUTES = (

@@ -12,8 +12,8 @@ import tomli_w
 import torch
 
 from collafuse.cli import main
-from collafuse.evaluation.compute import build_node_model
 from collafuse.config import ConfigError, load_config
+from collafuse.evaluation.compute import build_node_model
 from collafuse.evaluation.sweep import parse_cuts
 from collafuse.evaluation.sweep_report import hypotheses
 from conftest import TINY, merge

@@ -13,10 +13,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from .split.checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
-from .data.partition import DataError
+from .data.common import DataError
 from .flower.launch import LaunchError
+from .split.checkpoint import CheckpointError
 from .split.seeding import SecretError  # imports no flwr: launch only starts Flower's processes
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SecretError)

@@ -7,27 +7,17 @@ client's own class mix.
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import DataConfig
-
-FASHION_MNIST_FILES = {
-    "train_x": "train-images-idx3-ubyte.gz",
-    "train_y": "train-labels-idx1-ubyte.gz",
-    "test_x": "t10k-images-idx3-ubyte.gz",
-    "test_y": "t10k-labels-idx1-ubyte.gz",
-}
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-class DataError(ValueError):
-    """Data missing or unreadable; the message says where it was expected and how to get it."""
+from ..config import DATASET_DEFAULTS, DataConfig
+from .common import DataError, ImageSet
+from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist, write_idx
+from .images import to_model_range, to_uint8
+from .sources import load_source
 
 
 @dataclass
@@ -42,45 +32,6 @@ class ClientData:
 
     def class_counts(self, num_classes: int) -> list[int]:
         return torch.bincount(self.train_y, minlength=num_classes).tolist()
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzip or plain) as used by MNIST and Fashion-MNIST (LeCun et al.; big-endian header)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read IDX file '{path}': {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(dims)):
-        raise DataError(f"'{path}' is truncated: header says {dims}, file has {len(raw) - offset} data bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
-def load_fashion_mnist(root: str | Path) -> dict[str, np.ndarray]:
-    root = Path(root)
-    missing = [name for name in FASHION_MNIST_FILES.values() if not (root / name).is_file()]
-    if missing:
-        raise DataError(
-            f"Fashion-MNIST not found: {root} lacks {', '.join(missing)}. Install it with "
-            f"'apt-get install dataset-fashion-mnist' (./run does this) or set data.root to a folder holding "
-            f"{', '.join(FASHION_MNIST_FILES.values())}"
-        )
-    arrays = {key: read_idx(root / name) for key, name in FASHION_MNIST_FILES.items()}
-    for split in ("train", "test"):
-        if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
-            raise DataError(f"{root}: {split} images and labels differ in count")
-    return arrays
-
-
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] -> float32 [N, 1, H, W] in [-1, 1]."""
-    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
 
 
 def partition_matrix(cfg: DataConfig, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -189,11 +140,8 @@ def load_client_datasets(cfg: DataConfig, num_classes: int, seed: int) -> list[C
 
 
 def load_splits(cfg: DataConfig, root: str | Path | None = None):
-    """(train, test) ``sources.ImageSet`` of the configured source at the configured size. Fashion-MNIST at its
+    """(train, test) ``common.ImageSet`` of the configured source at the configured size. Fashion-MNIST at its
     native size is read directly (the path every committed result used), everything else through sources."""
-    from ..config import DATASET_DEFAULTS
-    from .sources import ImageSet, load_source
-
     root = cfg.root if root is None else root
     _, channels, size = DATASET_DEFAULTS[cfg.dataset]
     if cfg.dataset == "fashion-mnist" and cfg.image_size in (0, size) and cfg.channels in (0, channels):
@@ -216,21 +164,6 @@ def load_client_source(root: str | Path, index: int, cfg: DataConfig, num_classe
     return _to_client(index, train.images, train.labels, test.images, test.labels)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as a gzip IDX file (the Fashion-MNIST format; read back by ``read_idx``)."""
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wb") as f:
-        f.write(header + a.tobytes())
-    tmp.replace(path)
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Inverse of ``to_model_range`` (exact: every value came from a uint8)."""
-    return ((x.squeeze(1).numpy().astype(np.float64) + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-
-
 def export_client_folders(cfg: DataConfig, num_classes: int, seed: int, out_dir: Path) -> list[Path]:
     """Write each client's partition as its own Fashion-MNIST-layout folder ``out_dir/client<i>/`` (the four IDX
     files), so a deployed client node can be given only its own images (``data-dir`` in its node config, read back
@@ -243,7 +176,7 @@ def export_client_folders(cfg: DataConfig, num_classes: int, seed: int, out_dir:
         d = Path(out_dir) / f"client{c.index}"
         d.mkdir(parents=True, exist_ok=True)
         for key, x in (("train_x", c.train_x), ("test_x", c.test_x)):
-            write_idx(d / FASHION_MNIST_FILES[key], _to_uint8(x))
+            write_idx(d / FASHION_MNIST_FILES[key], to_uint8(x)[:, 0])
         for key, y in (("train_y", c.train_y), ("test_y", c.test_y)):
             write_idx(d / FASHION_MNIST_FILES[key], y.numpy().astype(np.uint8))
         paths.append(d)

@@ -10,7 +10,8 @@ public constant changes nothing). The guarantee is local and per image: any imag
 (replace-one on the image itself), so the L2 sensitivity is the domain's diameter,
 
     Delta = 2 sqrt(d)   for pixels in [-1, 1] (d = C x H x W; 56 for 28 x 28), or
-    Delta = 2 C         when every image is first clipped to L2 norm C (``split.upload_clip_norm``).
+    Delta = 2 C         when every image is first clipped to L2 norm C (``split.upload_clip_norm``;
+                        ``collafuse.split.upload.clip_images``).
 
 K views of the same image (``split.fresh_upload_noise``, one per round) compose; the server then holds K Gaussian
 releases of one x0. The (epsilon, delta) pairs come from Google's ``dp_accounting`` privacy-loss-distribution
@@ -22,21 +23,6 @@ closed form it is tested against. delta defaults to 1 / (training images), as is
 from __future__ import annotations
 
 import math
-
-import torch
-
-
-def clip_images(x: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Each image scaled down to L2 norm at most ``clip_norm``: x * min(1, C / ||x||_2). Two clipped images lie at
-    most 2C apart, the sensitivity `image_sensitivity` reports.
-
-    Args:
-        x (`torch.Tensor`): [N, ...] images.
-        clip_norm (`float`): C > 0.
-    """
-    norms = x.flatten(1).norm(dim=1).clamp_min(1e-12)
-    scale = (clip_norm / norms).clamp(max=1.0)
-    return x * scale.view(-1, *([1] * (x.dim() - 1)))
 
 
 def upload_noise_std(alpha_bar_s: float) -> float:

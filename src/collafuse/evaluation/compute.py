@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ..split.client import Client
 from ..config import Config
 from ..data.partition import ClientData
+from ..split.client import Client
 from ..split.diffusion import DiffusionSchedule, split_timesteps
 from ..split.models import LabelEncoder, client_labels, client_model_config, count_params, node_model, predict_eps
 from ..split.protocol import SERVER, client_node

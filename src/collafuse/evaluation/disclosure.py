@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from .accounting import clip_images
 from ..split.models import predict_eps
 from ..split.seeding import generator as shared_generator
+from ..split.upload import clip_images
 
 if TYPE_CHECKING:  # only for annotations: a Server pulls in the whole training stack
     from ..split.server import Server

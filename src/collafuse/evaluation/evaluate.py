@@ -24,18 +24,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .accounting import upload_privacy
-from ..split.checkpoint import latest_checkpoint, write_text_atomic
-from .communication import communication_summary
-from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
 from ..config import Config, ConfigError
-from .disclosure import disclosure_report
-from .features import get_extractor
-from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
+from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from ..split.models import client_model_config
 from ..split.protocol import SERVER
 from ..split.runner import Federation, load_run
 from ..split.seeding import generator
+from .accounting import upload_privacy
+from .communication import communication_summary
+from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
+from .disclosure import disclosure_report
+from .features import get_extractor
+from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
 
 
 def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dict:

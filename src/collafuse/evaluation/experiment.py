@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from ..config import Config, ConfigError
-from .report import plot_losses, write_client_images, write_metrics, write_report
+from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from ..split.runner import Federation
 from ..split.seeding import ClientSecret
 from ..split.transport import MessageLog
+from .report import plot_losses, write_client_images, write_metrics, write_report
 
 
 def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool = True, command: str = "",

@@ -41,7 +41,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
-from ..data.partition import DataError, load_fashion_mnist, to_model_range
+from ..data.common import DataError
+from ..data.idx import load_fashion_mnist
+from ..data.images import to_model_range
 from ..split.seeding import derive_seed
 
 ARCH_VERSION = "lenet-s2bn-v1"  # bump whenever LeNet or its training changes: old cache entries then never match

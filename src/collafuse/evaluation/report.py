@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..split.checkpoint import write_text_atomic
 from ..data.images import save_grid
+from ..split.checkpoint import write_text_atomic
 from ..split.models import count_params
 from ..split.protocol import SERVER
 from ..split.runner import Federation

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from ..config import Config, ConfigError, load_config
+from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from .evaluate import evaluate_run
 from .experiment import run_experiment
 
@@ -118,8 +118,8 @@ def run_sweep(config: str | Path, cuts: list[int], out: Path, overrides: list[st
         if secrets is not None:
             raise ConfigError("--client-secrets and --seeds exclude each other (with --seeds each seed's clients "
                               "get secrets of their own, DIR/seed_K/client-secrets.toml)")
-        from .seed_summary import write_seed_summary
         from ..split.seeding import read_secrets_file, write_secrets_file
+        from .seed_summary import write_seed_summary
 
         runs_by_seed = {}
         base_by_seed = {label: {s: r for s in seeds if (r := baseline_run(d / f"seed_{s}", label)) is not None}

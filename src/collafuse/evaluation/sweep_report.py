@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..split.checkpoint import write_text_atomic
 from ..config import Config
 from ..data.images import grid
+from ..split.checkpoint import write_text_atomic
 
 
 def _get(d: dict | None, *keys, default=None):

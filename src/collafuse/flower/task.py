@@ -32,11 +32,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..config import Config, ConfigError, load_config
+from ..data.images import save_grid
+from ..data.partition import load_client_datasets, load_client_source
 from ..split.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from ..split.client import Client
-from ..config import Config, ConfigError, load_config
-from ..data.partition import load_client_datasets, load_client_source
-from ..data.images import save_grid
 from ..split.protocol import ANY_CLIENT, Message, ProtocolError, bounded_reason, check_message, client_node
 from ..split.runner import Orchestrator
 from ..split.seeding import load_or_create_secret, read_secret_file

@@ -10,16 +10,16 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from . import fedavg
-from ..evaluation.accounting import clip_images
 from ..config import Config
 from ..data.partition import ClientData
+from . import fedavg
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
 from .models import client_labels, client_model_config, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
 from .seeding import ClientSecret, SecretError
 from .transport import Transport
+from .upload import clip_images
 
 logger = logging.getLogger("collafuse.client")
 

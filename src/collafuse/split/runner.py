@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .client import Client
 from ..config import Config, ConfigError, load_config
 from ..data.partition import ClientData, load_client_datasets
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .client import Client
 from .protocol import SERVER, Message, bounded_reason, client_index
 from .seeding import ClientSecret, SecretError
 from .server import Server

@@ -12,8 +12,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from . import fedavg
 from ..config import Config
+from . import fedavg
 from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
 from .learner import Learner
 from .models import LabelEncoder, node_model, predict_eps
