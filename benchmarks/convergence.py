@@ -1,13 +1,13 @@
 """Which training recipe reaches a lower FID per CPU-hour? FID against training wall-clock, old recipe vs new.
 
-Trains one config (default configs/demo.toml) under each recipe at each cut, the runs interleaved round by round in
-this one process, so that anything else the machine does slows every run alike. Each run's clock counts its training
-rounds only (not the evaluations). Every ``--eval-every`` rounds, and after the last one, each client draws ``--n``
-samples through the real split with the fast sampler (``--fast``, kind:steps:eta) and the project's classifier-feature
-FID against its held-out images is taken (``collafuse.fidelity.fid_kid``); the mean over clients is plotted against
-the run's training seconds. With ``--ddpm-n N`` the last point of each run is also scored with DDPM-1000 on N samples
-per client (1-2 s per image on 2 CPU cores: expensive); runs that finished earlier get it when the same command is
-given ``--ddpm-n``.
+Trains one config (default configs/demo.toml) under each recipe at each cut, the runs interleaved round by round in this
+one process, so that anything else the machine does slows every run alike. Each run's clock counts its training rounds
+only (not the evaluations). Every ``--eval-every`` rounds, and after the last one, each client draws ``--n`` samples
+through the real split with the fast sampler (``--fast``, kind:steps:eta) and the project's classifier-feature FID
+against its held-out images is taken (``collafuse.evaluation.fidelity.fid_kid``); the mean over clients is plotted
+against the run's training seconds. With ``--ddpm-n N`` the last point of each run is also scored with DDPM-1000 on N
+samples per client (1-2 s per image on 2 CPU cores: expensive); runs that finished earlier get it when the same command
+is given ``--ddpm-n``.
 
 Recipes (``--recipe NAME=key=value;key=value``, repeatable; defaults below):
 

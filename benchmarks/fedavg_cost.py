@@ -1,10 +1,10 @@
 """What a client computes and sends under CollaFuse (per cut) and under the FedAvg baseline, for one config.
 
-Per client, from `collafuse.compute.run_accounting` (FLOPs counted by torch's FlopCounterMode on the real models)
-and from the message sizes: FedAvg sends the whole model (P float32 weights) down and up every round, plus one last
-push of the final average; CollaFuse sends each training image's noised view (C x H x W float32 + an int64 label)
-once, and nothing per round but a few bytes of metadata. Image counts come from the config's own partition. A table,
-not a test (tests/test_fedavg.py checks that the logged bytes of a weights message are 4 P).
+Per client, from `collafuse.evaluation.compute.run_accounting` (FLOPs counted by torch's FlopCounterMode on the real
+models) and from the message sizes: FedAvg sends the whole model (P float32 weights) down and up every round, plus one
+last push of the final average; CollaFuse sends each training image's noised view (C x H x W float32 + an int64 label)
+once, and nothing per round but a few bytes of metadata. Image counts come from the config's own partition. A table, not
+a test (tests/split/test_fedavg.py checks that the logged bytes of a weights message are 4 P).
 
     .venv/bin/python benchmarks/fedavg_cost.py --config configs/quality.toml --cuts 0,200,1000
 """

@@ -3,7 +3,7 @@
 For each sampler spec (``kind:steps:eta``: ddpm, ddim or dpmsolver; DDPM runs all T steps, eta is DDIM's) every
 client of the run draws ``--n`` samples through the real split (server to the cut, client to x0; the client's sampling
 stream from its secret, the same for every spec), and the project's classifier-feature FID against the client's
-held-out images is computed (``collafuse.evaluate.sample_fids``, the extractor ``collafuse evaluate`` uses).
+held-out images is computed (``collafuse.evaluation.evaluate.sample_fids``, the extractor ``collafuse evaluate`` uses).
 Printed: network evaluations per image, seconds per image, FID per client and the mean FID relative to DDPM-1000.
 Every fast sampler is drawn ``--repeats`` times from different client streams, so the table shows the FID's own
 sampling noise beside the differences between samplers (DDPM-1000, ~1-2 s per image on 2 CPU cores, once by

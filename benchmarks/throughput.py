@@ -3,7 +3,7 @@
 What is measured
 ----------------
 For each node (the server and one client) two loops train the *same* UNet2DModel architecture (built by
-``collafuse.models.build_unet`` from the node's model config) with the same batch size, image shape, Adam
+``collafuse.split.models.build_unet`` from the node's model config) with the same batch size, image shape, Adam
 learning rate, gradient clipping and diffusers ``EMAModel`` update:
 
 * split: the node's own ``train_step()`` -- ``Server.train_step`` (relative-noise objective on the mixed client

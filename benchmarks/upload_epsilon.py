@@ -2,9 +2,9 @@
 
 For a config (default configs/demo.toml: Fashion-MNIST 28x28, cosine schedule, T = 1000) it prints, per cut, abar_s,
 the upload's noise std sigma_s = sqrt((1 - abar_s) / abar_s) on the image scale, and epsilon at
-delta = 1 / ``--train-images`` from `collafuse.accounting` (dp_accounting's PLD accountant): for the raw images
-(sensitivity 2 sqrt(d) = 56), for each ``--clip`` C (``split.upload_clip_norm``, sensitivity 2C), and for ``--views``
-fresh views per image (``split.fresh_upload_noise`` over K rounds). A table, not a test.
+delta = 1 / ``--train-images`` from `collafuse.evaluation.accounting` (dp_accounting's PLD accountant): for the raw
+images (sensitivity 2 sqrt(d) = 56), for each ``--clip`` C (``split.upload_clip_norm``, sensitivity 2C), and for
+``--views`` fresh views per image (``split.fresh_upload_noise`` over K rounds). A table, not a test.
 
     .venv/bin/python benchmarks/upload_epsilon.py
     .venv/bin/python benchmarks/upload_epsilon.py --cuts 200,500,900 --clip 1,4 --views 150

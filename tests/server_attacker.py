@@ -1,4 +1,5 @@
-"""The server as an attacker, for the privacy tests (test_privacy.py in process, test_flower_adapter.py over Flower).
+"""The server as an attacker, for the privacy tests (split/test_privacy.py in process, flower/test_flower_adapter.py
+over Flower).
 
 It is given everything the server process holds or can derive: its run directory (config.toml, its own
 checkpoint files, state.json, the message log, metrics), the shared run config, and the uploads it received. It

@@ -32,7 +32,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # Where the images come from (collafuse.sources). Nothing is downloaded: every source reads local files.
+    # Where the images come from (collafuse.data.sources). Nothing is downloaded: every source reads local files.
     #   fashion-mnist   the Debian package dataset-fashion-mnist (IDX files in root)
     #   idx             any MNIST-style IDX folder (train-/t10k- images and labels)
     #   image-folder    root/**/*.png|jpg; first-level subfolders are the classes when every image is in one
@@ -89,7 +89,8 @@ class SplitConfig:
     fresh_upload_noise: bool = False
     # Scale each image down to L2 norm <= C (model range [-1, 1]) before it is noised for the upload, so that the
     # upload is a Gaussian mechanism with sensitivity 2C instead of the image domain's diameter (local DP, as PFDM,
-    # arXiv 2504.00952; collafuse.accounting). The client's own model still trains on the unclipped images. None: off.
+    # arXiv 2504.00952; collafuse.evaluation.accounting). The client's own model still trains on the unclipped images.
+    # None: off.
     upload_clip_norm: float | None = None
     # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
     max_upload_images: int = 100_000

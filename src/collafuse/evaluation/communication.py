@@ -1,7 +1,7 @@
 """What a CollaFuse run sends over the wire, per client: in total, per training round and per generated image.
 
 Everything is read from the message log (``MessageLog.records`` or a run's ``message_log.jsonl``), the complete
-audit of what crossed (transport.py). Bytes are array payload bytes (numel x element size), as the log records
+audit of what crossed (split/transport.py). Bytes are array payload bytes (numel x element size), as the log records
 them; message framing and the few meta scalars (round, steps, loss) are not counted.
 
 Directions are the client's: *uploaded* is client -> server, *downloaded* is server -> client. Training messages

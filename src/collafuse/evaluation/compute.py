@@ -216,7 +216,8 @@ def measure_node_flops(cfg: Config, batch_size: int | None = None) -> dict[str, 
             factor = guidance_factor(labels, cfg.sample.guidance_scale)
             if m["sample_step_per_image"] != factor * m["forward_per_image"]:
                 raise RuntimeError(f"{node}: predict_eps counted {m['sample_step_per_image']} FLOPs, expected "
-                                   f"{factor} x {m['forward_per_image']} (guidance factor out of sync with models.py)")
+                                   f"{factor} x {m['forward_per_image']} (guidance factor out of sync with "
+                                   "split/models.py)")
             out[node] = NodeFlops(node, count_params(model), batch, m["train_step"], m["forward_per_image"], factor,
                                   m["sample_step_per_image"], key)
     return out

@@ -356,7 +356,7 @@ def server_eps_fn(server: Server, client: int = 0, use_ema: bool = True, guidanc
             ids = torch.full((len(x),), enc.null_id, dtype=torch.long, device=server.device)
         else:
             ids = enc.encode(labels.to(server.device).long(), client)
-        # diffusers index s = protocol step s+1 (diffusion.py, Indexing)
+        # diffusers index s = protocol step s+1 (split/diffusion.py, Indexing)
         return (k * predict_eps(model, xd, s, ids, enc.null_id, guidance_scale)).to(x.device, x.dtype)
 
     return eps_fn
@@ -422,8 +422,9 @@ def exact_seed_attack(uploads: torch.Tensor, abar_s: float, node_id: str,
 
     Each candidate is scored on the first ``screen`` uploads only, then the winner is replayed over the whole upload.
     That is the same search: a CPU generator fills a tensor from one sequential stream, so the noise of the first
-    ``screen`` rows is the first rows of the whole stream (for a multiple of 16 rows; tests/test_disclosure.py
-    checks it on this torch), and a wrong stream leaves the box by the same margin on the screened images as on all.
+    ``screen`` rows is the first rows of the whole stream (for a multiple of 16 rows;
+    tests/evaluation/test_disclosure.py checks it on this torch), and a wrong stream leaves the box by the same margin
+    on the screened images as on all.
     It costs one stream of the whole upload instead of one per candidate (~220 of them: 3.6 G normal draws per
     client).
 

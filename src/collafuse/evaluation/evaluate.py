@@ -2,9 +2,9 @@
 
 - fidelity: FID/KID of each client's samples against its own train and held-out test images, and over all
   clients, with a pluggable feature extractor; predicted-label histograms against the client's class mix;
-- disclosure: what the server could learn from the uploads and its sampling hand-offs (collafuse.disclosure);
-- compute: exact FLOPs per node and phase (collafuse.compute), measured wall time, an energy estimate;
-- communication: bytes per client from the run's message log (collafuse.communication).
+- disclosure: what the server could learn from the uploads and its sampling hand-offs (collafuse.evaluation.disclosure);
+- compute: exact FLOPs per node and phase (collafuse.evaluation.compute), measured wall time, an energy estimate;
+- communication: bytes per client from the run's message log (collafuse.evaluation.communication).
 
 Everything goes to ``RUN_DIR/evaluation.json``; generated samples are cached in ``RUN_DIR/eval/`` keyed by everything
 that changes them (the checkpoint's files, every ``[sample]`` setting, the sampling seed, client and n:

@@ -66,7 +66,7 @@ def default_cache_dir() -> Path:
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float -> the nearest of the 256 levels a uint8 PNG can hold, as float in [0, 255].
 
-    The same rounding as ``images.to_uint8``, so features of a tensor equal features of its saved PNG.
+    The same rounding as ``data.images.to_uint8``, so features of a tensor equal features of its saved PNG.
     """
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
 
@@ -181,7 +181,7 @@ def train_classifier(arrays: Mapping[str, np.ndarray], recipe: ClassifierRecipe 
 
     Args:
         arrays (`Mapping[str, np.ndarray]`): uint8 ``train_x`` [N, H, W] (or [N, C, H, W]) and integer ``train_y``
-            [N]; ``test_x``/``test_y`` optional (the layout of ``data.load_fashion_mnist``).
+            [N]; ``test_x``/``test_y`` optional (the layout of ``data.idx.load_fashion_mnist``).
         recipe (`ClassifierRecipe`, *optional*): training settings; defaults to ``ClassifierRecipe()``.
         num_classes (`int`, *optional*): classifier outputs; defaults to ``max(train_y) + 1``.
         progress (`bool`, defaults to `True`): show a tqdm bar over the steps.

@@ -53,7 +53,7 @@ def check_image_set(x: torch.Tensor, what: str, minimum: int = 2) -> None:
         raise ValueError(f"{what} must be float images [N, C, H, W] in [-1, 1], got {got}")
     if not x.is_floating_point():
         raise ValueError(f"{what} must be float images in [-1, 1], got {x.dtype} (convert uint8 with "
-                         f"collafuse.data.to_model_range)")
+                         f"collafuse.data.images.to_model_range)")
     if len(x) < minimum:
         raise ValueError(f"{what} has {len(x)} images; FID and KID need at least {minimum}")
     # Generated samples may overshoot [-1, 1] a little (they are clamped); values far outside mean another range.

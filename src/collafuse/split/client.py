@@ -85,7 +85,7 @@ class Client:
     # -- training -----------------------------------------------------------------------------------------------------
     def upload(self, round_: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """u_i = sqrt(abar_s) x0_i + sqrt(1 - abar_s) eps_i for every training image, eps from the client's secret
-        (x0_i first scaled to L2 norm <= C with ``split.upload_clip_norm``: collafuse.accounting).
+        (x0_i first scaled to L2 norm <= C with ``split.upload_clip_norm``: collafuse.split.upload).
 
         Computed once and cached; recomputing from the same seed gives the same bytes, so a repeated upload
         (e.g. after a server restart) tells the server nothing new. Only with ``split.fresh_upload_noise`` does
@@ -130,7 +130,7 @@ class Client:
     # -- FedAvg -------------------------------------------------------------------------------------------------------
     def apply_global(self, round_: int, weights: torch.Tensor) -> None:
         """Load the global weights of ``round_`` into the model (once per round) and fold them into the EMA of the
-        global weights (collafuse.fedavg). Adam's moments are this client's own and stay as they are."""
+        global weights (collafuse.split.fedavg). Adam's moments are this client's own and stay as they are."""
         if round_ <= self.pushed_round:
             return  # a repeated push: the weights were applied already
         try:

@@ -43,7 +43,7 @@ class Learner:
         total_steps (`int`, defaults to 0): the node's training steps over the whole run (rounds x steps per round),
             the length of a cosine learning-rate schedule.
         ema_per_step (`bool`, defaults to True): update the EMA weights after every step. A FedAvg client does not:
-            its EMA follows the averaged global weights instead, once per round (collafuse.fedavg).
+            its EMA follows the averaged global weights instead, once per round (collafuse.split.fedavg).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, rng: torch.Generator, sample_rng: torch.Generator,

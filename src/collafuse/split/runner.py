@@ -12,7 +12,7 @@ The loop is the server's orchestration: it talks to clients only through the tra
 
 Under ``split.algorithm = "fedavg"`` (the baseline) a round is instead: the server pushes the global weights to
 every client (``model_push``), each trains K steps on t = 1..T and returns its weights (``model_update``), and the
-server averages them weighted by the clients' training images (collafuse.fedavg); after the last round the final
+server averages them weighted by the clients' training images (collafuse.split.fedavg); after the last round the final
 average is pushed once more (``steps = 0``) so that every client samples with it.
 """
 

@@ -127,7 +127,7 @@ class Server:
 
     def aggregate(self) -> int:
         """Replace the global weights by the average of this round's updates, weighted by each client's training
-        images (collafuse.fedavg); returns how many clients it averaged (0: nobody replied, the weights stay)."""
+        images (collafuse.split.fedavg); returns how many clients it averaged (0: nobody replied, the weights stay)."""
         if not self.updates:
             return 0
         fedavg.load_flat(self.learner.model, fedavg.weighted_average([self.updates[k] for k in sorted(self.updates)]))

@@ -137,7 +137,7 @@ def test_shipped_configs_build_models_that_fit_their_images(path, shape):
     from collafuse.config import load_config
     from collafuse.split.models import LabelEncoder, node_model
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / path, ["run.device=\"cpu\""])
+    cfg = load_config(Path(__file__).resolve().parents[2] / path, ["run.device=\"cpu\""])
     assert cfg.image_shape == shape
     m = cfg.server_model
     labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)

@@ -2,7 +2,7 @@
 error reply and a log line and never change the server; private labels stay private; a client that drops out
 misses rounds without stopping the run and rejoins with its state; repeated instructions are idempotent.
 
-The same behaviour over Flower processes is tested in test_flower.py.
+The same behaviour over Flower processes is tested in flower/test_flower_adapter.py and flower/test_flower_e2e.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The FedAvg baseline (split.algorithm = "fedavg"): the averaging math against hand-written values and numpy, what
 crosses (weights only, and only in this mode), Adam state kept local, exact resume, a client dropping out of a round,
-bad input. FedAvg over the Flower adapter, bit for bit against in process: test_flower_adapter.py."""
+bad input. FedAvg over the Flower adapter, bit for bit against in process: flower/test_flower_adapter.py."""
 
 from __future__ import annotations
 

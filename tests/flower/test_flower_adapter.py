@@ -442,7 +442,7 @@ def test_a_node_with_a_bad_node_config_says_which_key(setup, node_config, match)
 
 # -- privacy over Flower -----------------------------------------------------------------------------------------------
 def test_an_attacker_with_everything_the_flower_server_holds_cannot_beat_the_posterior_mean(setup):
-    """The attacker of test_privacy.py over the Flower adapter: the server's run directory, the run config and
+    """The attacker of split/test_privacy.py over the Flower adapter: the server's run directory, the run config and
     every message that reached the ServerApp. Each node made its own secret from OS entropy in its state dir."""
     from collafuse.split.seeding import ClientSecret
     from server_attacker import (
