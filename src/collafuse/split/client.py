@@ -104,15 +104,15 @@ class Client:
 
     def train_step(self) -> float:
         """One DDPM step on the client's own images at t ~ U{1..cut} (Ho et al. 2020, Algorithm 1)."""
-        lr = self.learner
-        idx = lr.randint(0, len(self._train_x), self.cfg.train.batch_size)
+        learner = self.learner
+        idx = learner.randint(0, len(self._train_x), self.cfg.train.batch_size)
         x0, y = self._train_x[idx], self._train_y[idx]
-        t = lr.randint(1, self.cut + 1, len(idx))
-        eps = lr.randn(x0.shape)
+        t = learner.randint(1, self.cut + 1, len(idx))
+        eps = learner.randn(x0.shape)
         x_t = self.schedule.noise(x0, eps, t)
-        ids = self.labels.drop(self.labels.encode(y, self._label_client), self.cfg.train.cond_drop_prob, lr.rng)
+        ids = self.labels.drop(self.labels.encode(y, self._label_client), self.cfg.train.cond_drop_prob, learner.rng)
         weights = None if self._loss_w is None else self._loss_w[t.cpu()]
-        return lr.step(x_t, t - 1, ids, eps, weights)
+        return learner.step(x_t, t - 1, ids, eps, weights)
 
     def train(self, steps: int) -> float:
         """``steps`` local steps; returns their mean loss (NaN when the client owns no step)."""
@@ -137,12 +137,12 @@ class Client:
             fedavg.load_flat(self.learner.model, weights)
         except ValueError as e:
             raise ProtocolError(f"model_push to {self.node_id}: {e}") from None
-        lr = self.learner
+        learner = self.learner
         k = max(self.cfg.train.client_steps, 1)  # one round of K steps, as the per-step EMA would have counted them
-        decay = fedavg.round_decay(lr.ema.get_decay, lr.ema.optimization_step + 1, k)
-        fedavg.ema_update(lr.ema.shadow_params, list(lr.model.parameters()), decay)
-        lr.ema.optimization_step += k
-        lr.forget_sampling_model()
+        decay = fedavg.round_decay(learner.ema.get_decay, learner.ema.optimization_step + 1, k)
+        fedavg.ema_update(learner.ema.shadow_params, list(learner.model.parameters()), decay)
+        learner.ema.optimization_step += k
+        learner.forget_sampling_model()
         self.pushed_round = round_
 
     def fedavg_round(self, msg: Message) -> Message:

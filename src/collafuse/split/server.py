@@ -103,16 +103,16 @@ class Server:
 
         x_t = sqrt(r_t) u + sqrt(1 - r_t) eps',  r_t = abar_t / abar_s,  loss = ||eps_S(x_t, t, y) - eps'||^2.
         """
-        lr = self.learner
+        learner = self.learner
         u_all, y_all, c_all = self.pool()
-        idx = lr.randint(0, len(u_all), self.cfg.train.batch_size)
+        idx = learner.randint(0, len(u_all), self.cfg.train.batch_size)
         u, y, c = u_all[idx], y_all[idx], c_all[idx]
-        t = lr.randint(self.cut + 1, self.T + 1, len(idx))  # protocol steps s+1..T
-        eps_rel = lr.randn(u.shape)
+        t = learner.randint(self.cut + 1, self.T + 1, len(idx))  # protocol steps s+1..T
+        eps_rel = learner.randn(u.shape)
         x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
-        ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, lr.rng)
+        ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, learner.rng)
         weights = None if self._loss_w is None else self._loss_w[t.cpu()]
-        return lr.step(x_t, t - 1, ids, eps_rel, weights)
+        return learner.step(x_t, t - 1, ids, eps_rel, weights)
 
     def train(self, steps: int) -> float:
         """``steps`` server steps on the mixed uploads; returns their mean loss (NaN if the server owns no step)."""
