@@ -15,7 +15,6 @@ Two parts, both printed as tables:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import tempfile
@@ -58,7 +57,7 @@ def attack_run(run_dir: Path) -> None:
     fed = load_run(run_dir)
     cfg = fed.cfg
     abar = float(fed.server.schedule.alpha_bar[cfg.cut])
-    seeds = list(dataclasses.asdict(cfg.seeds).values())
+    seeds = list(cfg.seeds.model_dump().values())
     print(f"\nrun {run_dir}: cut {cfg.cut}, abar_s = {abar:.4f}, shared seeds {seeds}")
     print("| client | images | upload | exact-seed stream chosen | max error | PSNR (dB) | rescale PSNR (dB) |")
     print("|---|---|---|---|---|---|---|")

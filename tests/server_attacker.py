@@ -13,7 +13,6 @@ sampling slack has information beyond the one noised view: a secret leaked.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def reconstructions(server: Server, uploads: dict[int, tuple[torch.Tensor, torch
     """Every attack the server can run on each client's upload: name -> reconstruction of x0 ([N, C, H, W])."""
     cfg = server.cfg
     abar = float(server.schedule.alpha_bar[cfg.cut])
-    seeds = list(dataclasses.asdict(cfg.seeds).values())
+    seeds = list(cfg.seeds.model_dump().values())
     out = {}
     for c, (u, y) in uploads.items():
         u = u.float().cpu()

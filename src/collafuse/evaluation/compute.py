@@ -161,7 +161,7 @@ class NodeFlops:
 def _node_key(cfg: Config, node: Node, labels: LabelEncoder, batch_size: int) -> str:
     model_cfg = cfg.server_model if node == "server" else client_model_config(cfg)
     g = guidance_factor(labels, cfg.sample.guidance_scale)
-    return json.dumps({"model": dataclasses.asdict(model_cfg), "num_embeds": labels.num_embeds,
+    return json.dumps({"model": model_cfg.model_dump(), "num_embeds": labels.num_embeds,
                        "image_shape": list(cfg.image_shape), "batch_size": batch_size, "guidance_factor": g},
                       sort_keys=True)
 

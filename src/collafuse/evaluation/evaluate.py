@@ -14,7 +14,6 @@ scores stale samples.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -45,7 +44,7 @@ def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dic
     itself, so samples drawn before a change of how the grid is built are never scored as the new grid's."""
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
-    sample = {k: v for k, v in dataclasses.asdict(fed.cfg.sample).items() if k != "n_per_client"}
+    sample = {k: v for k, v in fed.cfg.sample.model_dump().items() if k != "n_per_client"}
     return {"client": client, "n": n, "checkpoint": ckpt.name, "node_files": state["files"], "sample": sample,
             "sample_seed": fed.cfg.seeds.sample, "timesteps": sampling_grid(fed.cfg)["timesteps"]}
 
@@ -154,7 +153,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
             distractors=pool_x, distractor_labels=pool_y, ks=ks,
             x_cut=samples[c.index]["x_cut"], x_cut_labels=samples[c.index]["y"],
             generator=generator(cfg.seeds.sample, "disclosure", c.index),
-            node_id=c.node_id, shared_seeds=list(dataclasses.asdict(cfg.seeds).values()), all_uploads=uploads,
+            node_id=c.node_id, shared_seeds=list(cfg.seeds.model_dump().values()), all_uploads=uploads,
             clip_norm=cfg.split.upload_clip_norm,
         )
         # The formal guarantee of the same upload: per image, delta = 1 / (this client's training images).
