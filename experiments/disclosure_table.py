@@ -1,5 +1,5 @@
-"""Every attack's score per cut, from the evaluations of a (multi-seed) sweep: the numbers behind the README's
-threat model. Mean over clients, then over the seeds found; the seed count is printed per row.
+"""Every attack's score per cut, from the evaluations of a (multi-seed) sweep: the numbers behind the
+threat model in docs/evaluation.md. Mean over clients, then over the seeds found; the seed count is printed per row.
 
     .venv/bin/python experiments/disclosure_table.py runs/seed-sweep-r100
     .venv/bin/python experiments/disclosure_table.py results/fashion-mnist-seeds   # the committed copies

@@ -227,15 +227,15 @@ class SampleConfig(_Section):
     # ddpm runs every one of the T steps; ddim and dpmsolver (DPM-Solver++ 2M SDE, Lu et al. 2022) run about
     # ddim_steps steps on a grid anchored on the cut. The default, DPM-Solver++ at 25 steps, is the fewest network
     # evaluations measured within 10% of DDPM-1000's FID at cuts 0, 200 and 500 of the quality runs (0.85-1.02x; 50
-    # and 100 steps were no better); stochastic DDIM needed 100 steps and still missed at cut 200 (1.18x). README,
-    # "Sampler"; results/samplers/.
+    # and 100 steps were no better); stochastic DDIM needed 100 steps and still missed at cut 200 (1.18x).
+    # docs/benchmarks.md, "Sampler"; results/samplers/.
     sampler: Literal["ddpm", "ddim", "dpmsolver"] = "dpmsolver"
     # approximate: the grid (DDIM and DPM-Solver) is anchored on the cut, the hand-off on x_cut. In 1..T (checked by
     # Config).
     ddim_steps: int = 25
     # DDIM's eta (Song et al. 2021, Eq. 16): 0 is deterministic DDIM, 1 draws the DDPM posterior's noise on the DDIM
     # grid. Stochastic steps absorb the model's error (and the split's larger error just above the cut); measured:
-    # deterministic DDIM-50 scored 1.7-1.85x DDPM-1000's FID, eta 1 1.0-1.3x (README, "Sampler"). DDIM only.
+    # deterministic DDIM-50 scored 1.7-1.85x DDPM-1000's FID, eta 1 1.0-1.3x (docs/benchmarks.md, "Sampler"). DDIM only.
     eta: float = _allowed("a number in [0, 1] (DDIM only)", default=1.0, ge=0, le=1)
     # classifier-free guidance; 1 = plain conditional model
     guidance_scale: float = _allowed("a number >= 0", default=1.0, ge=0)
@@ -287,7 +287,7 @@ class SeedConfig(_Section):
         if isinstance(data, dict) and "upload" in data:
             raise ConfigError(f"seeds.upload = {data['upload']!r} is not allowed: a shared seed lets the server "
                               f"rebuild the upload noise; each client's upload noise comes from its own secret "
-                              f"(remove the key; see README, Seeds)")
+                              f"(remove the key; see docs/protocol.md, Seeds)")
         return data
 
 

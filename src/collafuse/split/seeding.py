@@ -1,6 +1,6 @@
 """Random streams: public ones derived from the configured seeds, and a client's secret ones.
 
-Two kinds of randomness, with different owners (README, "Seeds: shared and secret"):
+Two kinds of randomness, with different owners (docs/protocol.md, "Seeds: shared and secret"):
 
 - **shared** (``derive_seed`` / ``generator``): the data partition, the server's model init, training noise and
   sampling noise. They come from ``[seeds]`` in the run configuration, which the server holds too, so nothing a
