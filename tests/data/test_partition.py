@@ -135,13 +135,12 @@ def test_shipped_configs_build_models_that_fit_their_images(path, shape):
     from pathlib import Path
 
     from collafuse.config import load_config
-    from collafuse.split.models import LabelEncoder, node_model
+    from collafuse.split.models import node_labels, node_model
 
     cfg = load_config(Path(__file__).resolve().parents[2] / path, ["run.device=\"cpu\""])
     assert cfg.image_shape == shape
-    m = cfg.server_model
-    labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
-    model = node_model(m, labels, 0, "server", cfg.image_shape)
+    labels = node_labels(cfg, "server")
+    model = node_model(cfg.server_model, labels, 0, "server", cfg.image_shape)
     ids = labels.encode(torch.zeros(1, dtype=torch.long), 0)
     with torch.no_grad():
         out = model(torch.zeros(1, *shape), torch.tensor([10]), class_labels=ids).sample

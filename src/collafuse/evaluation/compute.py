@@ -1,7 +1,7 @@
 """What a CollaFuse run costs in compute: exact FLOPs per node and phase, the client's share, wall time, energy.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real forward (and backward) of each node's
-own model, built from the config exactly as ``Server`` and ``Client`` build it (``node_model`` + ``LabelEncoder``),
+own model, built from the config exactly as ``Server`` and ``Client`` build it (``node_model`` + ``node_labels``),
 so architecture and conditioning match the run. Convention: 2 FLOPs per multiply-add. Counted are the
 matmul-like ops (Linear, convolutions, attention); elementwise work (bias adds, GroupNorm, SiLU, the loss, gradient
 clipping, Adam, EMA, the samplers' update rule) is not in FlopCounterMode's registry and is left out: a handful of
@@ -13,7 +13,7 @@ with torch's own SDPA formulas, so the server's mid-block attention is counted o
 
 The run accounting multiplies measured per-step FLOPs by what the run does: ``rounds x steps`` training steps per
 node (mirroring ``Client.trains`` / ``Server.trains``), and per generated image the number of the node's steps in the
-sampler's timestep list (``DiffusionSchedule.sampler`` + ``split_timesteps``, the lists ``Server.sample_to_cut`` and
+sampler's timestep list (``DiffusionSchedule.split_sampler``, the lists ``Server.sample_to_cut`` and
 ``Client.finish`` walk) times one guided forward (``predict_eps``: 2 forwards when ``guidance_scale != 1``).
 """
 
@@ -27,7 +27,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from ..config import Config
 from ..data.partition import ClientData
 from ..split.client import Client
-from ..split.diffusion import DiffusionSchedule, split_timesteps
-from ..split.models import LabelEncoder, client_labels, client_model_config, count_params, node_model, predict_eps
+from ..split.diffusion import DiffusionSchedule
+from ..split.models import LabelEncoder, Node, count_params, node_labels, node_model, node_model_config, predict_eps
 from ..split.protocol import SERVER, client_node
 from ..split.server import Server
-
-Node = Literal["server", "client"]
 
 FLOPS_UNIT = ("FLOPs (torch FlopCounterMode, 2 per multiply-add; matmuls, convolutions and attention; "
               "elementwise ops, optimizer and EMA not counted)")
@@ -92,21 +89,6 @@ def count_flops(fn: Callable[[], object]) -> dict:
 # Per-step FLOPs of the two node models
 
 
-def node_labels(cfg: Config, node: Node) -> LabelEncoder:
-    """The node's label encoder, as ``Server.__init__`` / ``Client.__init__`` build it.
-
-    Args:
-        cfg (`Config`): the run configuration.
-        node (`"server"` or `"client"`): which role.
-    """
-    if node == "server":
-        m = cfg.server_model
-        return LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
-    if node == "client":
-        return client_labels(cfg)
-    raise ValueError(f"node = {node!r} is invalid (allowed: 'server', 'client')")
-
-
 def build_node_model(cfg: Config, node: Node) -> tuple[torch.nn.Module, LabelEncoder]:
     """The node's UNet and label encoder, built exactly as ``Server.__init__`` / ``Client.__init__`` build them.
 
@@ -115,9 +97,8 @@ def build_node_model(cfg: Config, node: Node) -> tuple[torch.nn.Module, LabelEnc
         node (`"server"` or `"client"`): which role's model; every client has the same architecture.
     """
     labels = node_labels(cfg, node)
-    model_cfg = cfg.server_model if node == "server" else client_model_config(cfg)
-    return node_model(model_cfg, labels, cfg.seeds.init, SERVER if node == "server" else client_node(0),
-                      cfg.image_shape), labels
+    node_id = SERVER if node == "server" else client_node(0)
+    return node_model(node_model_config(cfg, node), labels, cfg.seeds.init, node_id, cfg.image_shape), labels
 
 
 def guidance_factor(labels: LabelEncoder, guidance_scale: float) -> int:
@@ -159,9 +140,8 @@ class NodeFlops:
 
 
 def _node_key(cfg: Config, node: Node, labels: LabelEncoder, batch_size: int) -> str:
-    model_cfg = cfg.server_model if node == "server" else client_model_config(cfg)
     g = guidance_factor(labels, cfg.sample.guidance_scale)
-    return json.dumps({"model": model_cfg.model_dump(), "num_embeds": labels.num_embeds,
+    return json.dumps({"model": node_model_config(cfg, node).model_dump(), "num_embeds": labels.num_embeds,
                        "image_shape": list(cfg.image_shape), "batch_size": batch_size, "guidance_factor": g},
                       sort_keys=True)
 
@@ -172,12 +152,12 @@ def _measure(model: torch.nn.Module, labels: LabelEncoder, cfg: Config, batch_si
     shape = cfg.image_shape
     # Inputs only need the right shapes and dtypes: the counted ops do not depend on values.
     x = torch.randn((batch_size, *shape), generator=g)
-    t = torch.randint(0, cfg.diffusion.timesteps, (batch_size,), generator=g)
+    t_index = torch.randint(0, cfg.diffusion.timesteps, (batch_size,), generator=g)  # diffusers indices
     ids = labels.encode(torch.zeros(batch_size, dtype=torch.long), 0)
     target = torch.randn((batch_size, *shape), generator=g)
 
     def train_step():  # Learner.step without the optimizer, clipping and EMA (elementwise, not counted)
-        loss = F.mse_loss(model(x, t, class_labels=ids).sample, target)
+        loss = F.mse_loss(model(x, t_index, class_labels=ids).sample, target)
         loss.backward()
 
     model.train()
@@ -233,8 +213,9 @@ def sampling_steps(cfg: Config) -> tuple[list[int], list[int]]:
     Args:
         cfg (`Config`): sampler kind, DDIM steps, cut and T are taken from it.
     """
-    sched = DiffusionSchedule(cfg.diffusion).sampler(cfg.sample.sampler, cfg.cut, cfg.sample.ddim_steps)
-    return split_timesteps(sched.timesteps, cfg.cut)
+    _, server_steps, client_steps = DiffusionSchedule(cfg.diffusion).split_sampler(cfg.sample.sampler, cfg.cut,
+                                                                                   cfg.sample.ddim_steps)
+    return server_steps, client_steps
 
 
 def _share(part: float, total: float) -> float | None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ..split.diffusion import to_index
 from ..split.models import predict_eps
 from ..split.seeding import generator as shared_generator
 from ..split.upload import clip_images
@@ -344,7 +345,8 @@ def server_eps_fn(server: Server, client: int = 0, use_ema: bool = True, guidanc
     if not server.trains:
         raise ValueError(f"the server owns no step at cut = {server.cut} = T, so it has no model to denoise with")
     s = server.cut
-    k = float(server.schedule.server_eps_scale(s + 1, s))
+    lowest = s + 1  # the server's lowest protocol step
+    k = float(server.schedule.server_eps_scale(lowest, s))
     model = server.learner.sampling_model(use_ema)
     enc = server.labels
 
@@ -356,8 +358,7 @@ def server_eps_fn(server: Server, client: int = 0, use_ema: bool = True, guidanc
             ids = torch.full((len(x),), enc.null_id, dtype=torch.long, device=server.device)
         else:
             ids = enc.encode(labels.to(server.device).long(), client)
-        # diffusers index s = protocol step s+1 (split/diffusion.py, Indexing)
-        return (k * predict_eps(model, xd, s, ids, enc.null_id, guidance_scale)).to(x.device, x.dtype)
+        return (k * predict_eps(model, xd, to_index(lowest), ids, enc.null_id, guidance_scale)).to(x.device, x.dtype)
 
     return eps_fn
 

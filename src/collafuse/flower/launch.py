@@ -8,7 +8,8 @@
 Flower is told never to install packages (``--disable-runtime-dependency-installation``), never to phone home
 (``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``), and keeps its files in ``FLWR_HOME`` inside the
 run directory. Every process started here is recorded in ``<work>/pids/`` and stopped by that PID (SIGTERM, then
-SIGKILL), never by name, so other Flower processes on the machine are left alone.
+SIGKILL), never by name, so other Flower processes on the machine are left alone. The helpers those processes start
+are found and stopped with psutil (their process tree), which also refuses to signal a PID the system has reused.
 
 ``flwr run --stream`` exits 0 even when the ServerApp fails, so success is judged from the server's
 ``metrics.json`` (written at the end of a run) and ``flwr ls``.
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from ..config import load_config
 
@@ -65,47 +68,58 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _process_tree(pid: int) -> list[psutil.Process]:
+    """Every descendant of ``pid`` (psutil): the helpers a SuperLink or SuperNode started for us (flower-superexec,
+    flwr-serverapp, flwr-clientapp), some of them in sessions of their own. Empty when ``pid`` is gone."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc): the helpers a SuperLink or SuperNode started for us
-    (flower-superexec, flwr-serverapp, flwr-clientapp), some of them in sessions of their own."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    """PIDs of every descendant of ``pid`` (see `_process_tree`)."""
+    return [p.pid for p in _process_tree(pid)]
 
 
 def find_process(root: int, needle: str) -> int | None:
     """The first descendant of ``root`` whose command line contains ``needle``."""
-    for pid in descendants(root):
+    for proc in _process_tree(root):
         try:
-            if needle in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                return pid
-        except OSError:
+            if needle in " ".join(proc.cmdline()):
+                return proc.pid
+        except psutil.Error:  # gone, a zombie (no command line), or not ours to read
             continue
     return None
 
 
-def _zombie(pid: int) -> bool:
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie: a helper that exited but whose new parent has not reaped it yet counts as gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
-def _kill(pid: int, sig: int) -> None:
+def _signal(proc: psutil.Process, sig: int) -> None:
     try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
+        proc.send_signal(sig)  # psutil refuses (NoSuchProcess) when the PID now belongs to another process
+    except psutil.NoSuchProcess:
         pass
+
+
+def stop_processes(procs: Sequence[psutil.Process], wait: float = 5.0) -> None:
+    """SIGTERM to those of ``procs`` still running, up to ``wait`` seconds for them to go, SIGKILL to the rest."""
+    alive = [p for p in procs if _running(p)]
+    for p in alive:
+        _signal(p, signal.SIGTERM)
+    end = time.monotonic() + wait
+    while alive and time.monotonic() < end:
+        # In slices, so a helper that became a zombie (exited, not yet reaped by its new parent) counts as gone.
+        _, alive = psutil.wait_procs(alive, timeout=max(0.0, min(0.1, end - time.monotonic())))
+        alive = [p for p in alive if _running(p)]
+    for p in alive:
+        _signal(p, signal.SIGKILL)
 
 
 @dataclass
@@ -115,7 +129,7 @@ class Processes:
     work: Path
     env: dict[str, str]
     started: dict[str, subprocess.Popen] = field(default_factory=dict)
-    orphans: set[int] = field(default_factory=set)
+    orphans: set[psutil.Process] = field(default_factory=set)
 
     def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
@@ -137,13 +151,13 @@ class Processes:
         proc = self.started.pop(name, None)
         if proc is None:
             return
-        helpers = descendants(proc.pid)
+        helpers = _process_tree(proc.pid)
         if proc.poll() is None:
-            _kill(proc.pid, sig)
+            proc.send_signal(sig)
             try:
                 proc.wait(wait)
             except subprocess.TimeoutExpired:
-                _kill(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
         self.orphans.update(helpers)
         self.reap_orphans(wait=5.0)
@@ -151,22 +165,14 @@ class Processes:
 
     def reap_orphans(self, wait: float = 5.0) -> None:
         """Helpers left behind by a stopped (or killed) process: terminated by PID, killed if they linger."""
-        alive = [p for p in self.orphans if Path(f"/proc/{p}").exists() and not _zombie(p)]
-        for p in alive:
-            _kill(p, signal.SIGTERM)
-        end = time.monotonic() + wait
-        while alive and time.monotonic() < end:
-            alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
-            time.sleep(0.1)
-        for p in alive:
-            _kill(p, signal.SIGKILL)
+        stop_processes(list(self.orphans), wait)
         self.orphans.clear()
 
     def kill_hard(self, name: str) -> None:
         """kill -9, as a crash would; its helpers are remembered and stopped at teardown."""
         proc = self.started.pop(name)
-        self.orphans.update(descendants(proc.pid))
-        _kill(proc.pid, signal.SIGKILL)
+        self.orphans.update(_process_tree(proc.pid))
+        proc.kill()
         proc.wait()
         (self.work / "pids" / f"{name}.pid").unlink(missing_ok=True)
 

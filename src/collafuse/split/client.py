@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.partition import ClientData
 from . import fedavg
-from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
+from .diffusion import DiffusionSchedule, denoise, step_kwargs, to_index
 from .learner import Learner
-from .models import client_labels, client_model_config, node_model, predict_eps
+from .models import node_labels, node_model, node_model_config, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
 from .seeding import ClientSecret, SecretError
 from .transport import Transport
@@ -48,8 +48,8 @@ class Client:
         # FedAvg: the client trains a copy of the global model (the server-model architecture, every step 1..T,
         # cfg.cut = T), so its label encoding is the server model's, its own index included where that embeds it.
         self.fedavg = cfg.split.algorithm == "fedavg"
-        model_cfg = client_model_config(cfg)
-        self.labels = client_labels(cfg)
+        model_cfg = node_model_config(cfg, "client")
+        self.labels = node_labels(cfg, "client")
         self._label_client = index if self.fedavg else 0
         # Every stream of this client comes from its secret (seeding.py): the server holds cfg and the node id,
         # so a stream derived from them alone would let it rebuild the upload noise and recover x0 exactly.
@@ -112,7 +112,7 @@ class Client:
         x_t = self.schedule.noise(x0, eps, t)
         ids = self.labels.drop(self.labels.encode(y, self._label_client), self.cfg.train.cond_drop_prob, learner.rng)
         weights = None if self._loss_w is None else self._loss_w[t.cpu()]
-        return learner.step(x_t, t - 1, ids, eps, weights)
+        return learner.step(x_t, to_index(t), ids, eps, weights)
 
     def train(self, steps: int) -> float:
         """``steps`` local steps; returns their mean loss (NaN when the client owns no step)."""
@@ -212,14 +212,13 @@ class Client:
     def finish(self, x_cut: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Client steps t = cut..1 from the hand-off x_cut to x0."""
         sp = self.cfg.sample
-        sched = self.schedule.sampler(sp.sampler, self.cut, sp.ddim_steps)
-        _, steps = split_timesteps(sched.timesteps, self.cut)
+        sched, _, steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), self._label_client)
 
-        def eps_fn(x, t):
+        def eps_fn(x, t_index):
             with self.learner.forward_mode():
-                return predict_eps(model, x, t, ids, self.labels.null_id, sp.guidance_scale).float()
+                return predict_eps(model, x, t_index, ids, self.labels.null_id, sp.guidance_scale).float()
 
         bar = tqdm(total=len(steps), desc=f"{self.node_id} steps", leave=False, disable=not self.show_progress)
         with bar:
@@ -234,8 +233,8 @@ class Client:
         Returns ``{"x0", "x_cut", "y"}`` on the CPU.
         """
         y_all = self.sample_labels(n)
-        sched = self.schedule.sampler(self.cfg.sample.sampler, self.cut, self.cfg.sample.ddim_steps)
-        server_steps, _ = split_timesteps(sched.timesteps, self.cut)
+        server_steps = self.schedule.split_sampler(self.cfg.sample.sampler, self.cut,
+                                                   self.cfg.sample.ddim_steps).server_steps
         gen = generator or self.learner.sample_rng
         out = {"x0": [], "x_cut": [], "y": []}
         for y in y_all.split(self.cfg.sample.batch_size):

@@ -3,22 +3,37 @@
 Indexing. The protocol numbers steps t = 1..T with abar_0 = 1 (Ho et al. 2020). diffusers numbers them 0..T-1:
 protocol step t is diffusers timestep t-1, and ``alphas_cumprod[t-1]`` is abar_t. The model's timestep input is
 always the diffusers index. With cut s the client owns t = 1..s (indices 0..s-1) and the server t = s+1..T
-(indices s..T-1); the hand-off tensor is x_s, noised with abar_s = ``alpha_bar[s]`` below.
+(indices s..T-1); the hand-off tensor is x_s, noised with abar_s = ``alpha_bar[s]`` below. `to_index` and `to_step`
+are the only places that shift between the two numberings; names ending in ``_index`` (or ``i``) hold diffusers
+indices, ``t`` and ``step`` protocol steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple, TypeVar
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 
 from ..config import DiffusionConfig
 
-EpsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t, diffusers timestep) -> standard epsilon prediction
+EpsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t, diffusers index) -> standard epsilon prediction
 
 BETA_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+
+Step = TypeVar("Step", int, torch.Tensor)
+
+
+def to_index(step: Step) -> Step:
+    """The diffusers timestep index of protocol step ``step``: t = 1..T -> t - 1 = 0..T-1 (module docstring,
+    Indexing). Works on ints and tensors alike."""
+    return step - 1
+
+
+def to_step(index: Step) -> Step:
+    """The protocol step of diffusers timestep ``index``: 0..T-1 -> index + 1 = 1..T; the inverse of `to_index`."""
+    return index + 1
 
 
 class DiffusionSchedule:
@@ -127,9 +142,9 @@ class DiffusionSchedule:
         while kind == "ddim" and cut < self.T and self.T // n > self.T - cut:
             n += 1  # the server's segment must hold at least one stride, or it would get no step at all
         stride = self.T // n
-        grid = torch.arange((cut - 1) % stride, self.T, stride).flip(0)
-        if cut < self.T and int(grid[0]) < cut:  # dpmsolver only: no grid point on the server's side
-            grid = torch.cat([torch.tensor([self.T - 1]), grid])
+        grid = torch.arange(to_index(cut) % stride, self.T, stride).flip(0)  # anchored on the index of step cut
+        if cut < self.T and to_step(int(grid[0])) <= cut:  # dpmsolver only: no grid point on the server's side
+            grid = torch.cat([torch.tensor([to_index(self.T)]), grid])
         if kind == "ddim":
             sched = DDIMScheduler(**self.scheduler_kwargs, set_alpha_to_one=True)
             sched.set_timesteps(n)  # sets num_inference_steps, hence the stride T // n used by step()
@@ -142,6 +157,21 @@ class DiffusionSchedule:
         sched.set_timesteps(timesteps=grid.tolist())
         return sched
 
+    def split_sampler(self, kind: Literal["ddpm", "ddim", "dpmsolver"], cut: int, ddim_steps: int = 50) -> SplitSampler:
+        """A fresh `sampler` for ``cut`` with its timesteps split between the nodes (`split_timesteps`): what
+        ``Server.sample_to_cut`` and ``Client.finish`` walk, and what the compute accounting counts. Fresh on every
+        call: a multistep scheduler keeps the history of the steps it took."""
+        sched = self.sampler(kind, cut, ddim_steps)
+        return SplitSampler(sched, *split_timesteps(sched.timesteps, cut))
+
+
+class SplitSampler(NamedTuple):
+    """A sampler and its timesteps (diffusers indices, in sampling order) on either side of the cut."""
+
+    scheduler: SchedulerMixin  # DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler
+    server_steps: list[int]
+    client_steps: list[int]
+
 
 def step_kwargs(kind: str, eta: float = 0.0) -> dict:
     """Extra arguments of ``scheduler.step`` for a sampler: DDIM's ``eta`` (DDPM takes none)."""
@@ -149,9 +179,9 @@ def step_kwargs(kind: str, eta: float = 0.0) -> dict:
 
 
 def split_timesteps(timesteps: torch.Tensor, cut: int) -> tuple[list[int], list[int]]:
-    """Server steps (protocol t > cut, i.e. index >= cut) and client steps (index < cut), in sampling order."""
-    ts = [int(t) for t in timesteps]
-    return [t for t in ts if t >= cut], [t for t in ts if t < cut]
+    """Server steps (protocol t > cut) and client steps (t <= cut), as diffusers indices in sampling order."""
+    indices = [int(i) for i in timesteps]
+    return [i for i in indices if to_step(i) > cut], [i for i in indices if to_step(i) <= cut]
 
 
 @torch.no_grad()
@@ -165,9 +195,9 @@ def denoise(
     step_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Run ``scheduler.step`` over ``timesteps`` from ``x``. Either side of the split calls this on its own steps.
-    ``step_kwargs`` go to every step (DDIM's ``eta``: see `step_kwargs`)."""
-    for t in timesteps:
-        x = scheduler.step(eps_fn(x, t), t, x, generator=generator, **(step_kwargs or {})).prev_sample
+    ``timesteps`` are diffusers indices; ``step_kwargs`` go to every step (DDIM's ``eta``: see `step_kwargs`)."""
+    for t_index in timesteps:
+        x = scheduler.step(eps_fn(x, t_index), t_index, x, generator=generator, **(step_kwargs or {})).prev_sample
         if progress is not None:
             progress()
     return x

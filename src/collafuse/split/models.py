@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from diffusers import UNet2DModel
 
 from ..config import Config, ModelConfig
 from .seeding import derive_seed
+
+Node = Literal["server", "client"]
 
 
 class LabelEncoder:
@@ -49,13 +53,34 @@ def client_model_config(cfg: Config) -> ModelConfig:
     return cfg.server_model if cfg.split.algorithm == "fedavg" else cfg.client_model
 
 
-def client_labels(cfg: Config) -> LabelEncoder:
-    """A client's label encoder. A CollaFuse client model never embeds the client id (config validation enforces
-    it); a FedAvg client encodes labels exactly as the global model does, its own index included where that
-    embeds it."""
-    m = client_model_config(cfg)
-    return LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class,
-                        cfg.split.algorithm == "fedavg" and m.condition_on_client)
+def node_model_config(cfg: Config, node: Node) -> ModelConfig:
+    """The architecture of a node's model: ``server_model`` for the server, `client_model_config` for a client.
+
+    Args:
+        cfg (`Config`): the run configuration.
+        node (`"server"` or `"client"`): which role; every client has the same architecture.
+    """
+    if node == "server":
+        return cfg.server_model
+    if node == "client":
+        return client_model_config(cfg)
+    raise ValueError(f"node = {node!r} is invalid (allowed: 'server', 'client')")
+
+
+def node_labels(cfg: Config, node: Node) -> LabelEncoder:
+    """A node's label encoder: the one builder that ``Server``, ``Client`` and the compute accounting share.
+
+    The server embeds what its model config asks for. A CollaFuse client model never embeds the client id (config
+    validation enforces it); a FedAvg client encodes labels exactly as the global model does, its own index included
+    where that embeds it.
+
+    Args:
+        cfg (`Config`): the run configuration.
+        node (`"server"` or `"client"`): which role.
+    """
+    m = node_model_config(cfg, node)
+    on_client = m.condition_on_client and (node == "server" or cfg.split.algorithm == "fedavg")
+    return LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, on_client)
 
 
 def build_unet(cfg: ModelConfig, num_embeds: int | None, seed: int, in_channels: int = 1, size: int = 28):
@@ -94,13 +119,14 @@ def count_params(model: torch.nn.Module) -> int:
 def predict_eps(
     model: UNet2DModel,
     x: torch.Tensor,
-    t: int,
+    t_index: int,
     ids: torch.Tensor | None,
     null_id: int | None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Model epsilon with classifier-free guidance eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); w = 1: plain."""
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    """Model epsilon with classifier-free guidance eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); w = 1: plain.
+    ``t_index`` is the diffusers timestep index (collafuse.split.diffusion, Indexing)."""
+    tt = torch.full((x.shape[0],), t_index, device=x.device, dtype=torch.long)
     if ids is None or guidance_scale == 1.0:
         return model(x, tt, class_labels=ids).sample
     null = torch.full_like(ids, null_id)

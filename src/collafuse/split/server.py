@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from . import fedavg
-from .diffusion import DiffusionSchedule, denoise, split_timesteps, step_kwargs
+from .diffusion import DiffusionSchedule, denoise, step_kwargs, to_index, to_step
 from .learner import Learner
-from .models import LabelEncoder, node_model, predict_eps
+from .models import node_labels, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_index
 from .seeding import generator as make_generator
 
@@ -37,9 +37,8 @@ class Server:
         self.T = cfg.diffusion.timesteps
         self.device = torch.device(device or cfg.run.device)
         self.schedule = DiffusionSchedule(cfg.diffusion)
-        m = cfg.server_model
-        self.labels = LabelEncoder(cfg.num_classes, cfg.data.num_clients, m.condition_on_class, m.condition_on_client)
-        model = node_model(m, self.labels, cfg.seeds.init, SERVER, cfg.image_shape)
+        self.labels = node_labels(cfg, "server")
+        model = node_model(cfg.server_model, self.labels, cfg.seeds.init, SERVER, cfg.image_shape)
         self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER),
                                make_generator(cfg.seeds.sample, SERVER), str(self.device),
                                total_steps=cfg.train.rounds * cfg.train.server_steps)
@@ -112,7 +111,7 @@ class Server:
         x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
         ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, learner.rng)
         weights = None if self._loss_w is None else self._loss_w[t.cpu()]
-        return learner.step(x_t, t - 1, ids, eps_rel, weights)
+        return learner.step(x_t, to_index(t), ids, eps_rel, weights)
 
     def train(self, steps: int) -> float:
         """``steps`` server steps on the mixed uploads; returns their mean loss (NaN if the server owns no step)."""
@@ -146,18 +145,17 @@ class Server:
     def sample_to_cut(self, y: torch.Tensor, client: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T ~ N(0, I), then server steps t = T..cut+1 with eps_hat = k_t * eps_S(x_t, t, y); returns x_cut."""
         sp = self.cfg.sample
-        sched = self.schedule.sampler(sp.sampler, self.cut, sp.ddim_steps)
-        steps, _ = split_timesteps(sched.timesteps, self.cut)
+        sched, steps, _ = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), client)
         gen = generator or self.learner.sample_rng
         x = torch.randn((len(y), *self.cfg.image_shape), generator=gen).to(self.device)
-        scale = {t: float(self.schedule.server_eps_scale(t + 1, self.cut)) for t in steps}  # diffusers t = protocol t-1
+        scale = {i: float(self.schedule.server_eps_scale(to_step(i), self.cut)) for i in steps}  # by diffusers index
 
-        def eps_fn(x_t, t):
+        def eps_fn(x_t, t_index):
             with self.learner.forward_mode():
-                eps = predict_eps(model, x_t, t, ids, self.labels.null_id, sp.guidance_scale)
-            return scale[t] * eps.float()
+                eps = predict_eps(model, x_t, t_index, ids, self.labels.null_id, sp.guidance_scale)
+            return scale[t_index] * eps.float()
 
         bar = tqdm(total=len(steps), desc="server steps", leave=False, disable=not self.show_progress)
         with bar:
