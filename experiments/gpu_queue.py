@@ -12,8 +12,9 @@ skipped when its results are already committed under results/fashion-mnist-seeds
 2. the seed-sweep runs still missing (same recipe as experiments/seed_sweep.sh: configs/quality.toml at 100
    rounds, 1,000 samples per client against 1,000 held-out images), cuts 900 and 990 before 100 and 50;
 3. C = 1 at cut 700 (part 5; `split.upload_clip_norm = 1`, seed 0, its own client secrets), then issue 12's FedAvg
-   baseline for seeds 0, 1 and 2 (fedavg/seed_K/cut_1000/; on 2 CPU cores a round took 68 s beside other work,
-   about 2 hours a run);
+   baseline for seeds 0, 1 and 2 (fedavg/seed_K/cut_1000/; on 2 CPU cores alone a round takes about 27 s, three
+   clients x 8.6-9.2 s of local steps, so about 45 minutes a run plus 2.5 minutes of sampling; made on the CPU on
+   2026-12-05 with experiments/fedavg_lane.sh, so this job is skipped once they are committed);
 4. the rest of the DDPM-1000 grid: every cut x seed re-trained on the GPU and scored with both samplers, into
    gpu-replicate/seed_K/cut_NNNN/ like item 1, the baselines and cut 200 of seeds 0 and 2 first (what H1 compares),
    then the other cuts. About 2.5 minutes of the card per run: a 15-minute lease does 4-5 of the 27.

@@ -253,7 +253,7 @@ def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, time
         lines.append(f"| {label} | {FEDAVG_DISCLOSURE if b['algorithm'] == 'fedavg' else 'see its own report'} | | |")
     lines += ["", "## Client compute and communication (exact: the same for every seed)", "",
               "| cut | client FLOPs / image | client share (sampling) | client FLOPs / round | client share "
-              "(training) | upload bytes / client (one view) | bytes up / down per client (training, all rounds) "
+              "(training) | upload bytes / client (one view) | bytes up / down per client (training, as logged) "
               "| bytes / generated image | client train s (measured) |",
               "|---|---|---|---|---|---|---|---|---|"]
     table = [(baseline(cut), x, train_s[cut], True) for cut, x in sorted(exact.items())]
@@ -264,6 +264,9 @@ def write_seed_summary(runs_by_seed: dict[int, dict[int, Path]], out: Path, time
                      f"{num(x['upload_bytes_per_client']) if views else 'no view'} | "
                      f"{num(x['upload_bytes_training'])} / {num(x['download_bytes_training'])} | "
                      f"{num(x['bytes_per_generated_image'])} | {cell(secs)} |")
+    lines += ["", "Bytes as logged are the first seed's: a run resumed after an interruption sends its one view again "
+              "when the restarted server asks for it (the same view, bit for bit), so there the logged upload is a "
+              "multiple of the one-view column; an uninterrupted CollaFuse run uploads one view per client in all."]
     lines += ["", "## The paper's claims, judged from the intervals", "", "| claim | verdict | detail |",
               "|---|---|---|"]
     for name, v in verdicts.items():
