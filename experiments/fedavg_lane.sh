@@ -1,6 +1,8 @@
 #!/bin/bash
 # Issue 12: one lane of the FedAvg baseline at the seed sweep's budget: SEEDS (space-separated) in turn, THREADS torch
-# threads each (two lanes of one thread on 2 cores give more throughput than one run of two). Resumable: a re-run
+# threads each (0: torch's default). On the 2-core Intel Xeon one lane at the default 2 threads is the faster choice:
+# a client's 20 local steps took 8.6-9.2 s there, and 16-30 s in each of two lanes of one thread (message_log.jsonl
+# times, 2026-12-05; on the AMD EPYC of issue 11 two lanes were 1.24x faster than one). Resumable: a re-run
 # continues a run from its checkpoint and skips an evaluated one. FROZEN_SRC: a copy of src/ to run from, so that
 # edits to the working tree cannot reach a lane mid-run.
 cd "$(dirname "$0")/.."
