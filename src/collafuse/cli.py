@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default="evaluation.json", metavar="NAME",
                     help="file name inside RUN_DIR (default: %(default)s), e.g. evaluation-inception.json for a "
                          "second extractor, so the sweep's evaluation.json is kept")
+    ev.add_argument("--checkpoint", metavar="ROUND",
+                    help="score this checkpoint (round_000025 or 25, kept by train.keep_rounds) instead of the "
+                         "latest: a point of the training curve")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sw = sub.add_parser("sweep", help="one run per cut point, each evaluated, and one report")
@@ -176,8 +179,8 @@ def cmd_evaluate(args) -> int:
 
     run_dir = Path(args.run_dir)
     result = evaluate_run(run_dir, _with_device(args.overrides, args.device), progress=not args.quiet,
-                          output=args.output)
-    print(f"wrote {run_dir}/{args.output} (cut {result['cut']}, {result['n_samples_per_client']} samples per "
+                          output=args.output, checkpoint=args.checkpoint)
+    print(f"wrote {run_dir}/{args.output} ({result['checkpoint']}, cut {result['cut']}, {result['n_samples_per_client']} samples per "
           f"client, extractor {result['extractor']['name']})")
     return 0
 

@@ -101,11 +101,28 @@ class DataConfig(_Section):
     # unreadable images are skipped and counted; above this share the run stops
     max_bad_fraction: float = _allowed("a number in [0, 1]", default=0.05, ge=0, le=1)
     max_images: _DatasetOwn = 0  # read at most this many images per split from large sources (CelebA); 0: all
-    max_train_per_client: _NonNegative = 0  # 0 keeps every training image of the client
+    # Training images per client: one cap for every client (0 keeps all of them), or one size >= 1 per client
+    # (unequal clients). Drawn once by seeds.data, so every configuration of a seed trains on the same images; the
+    # images left out become the client's validation set (ClientData.val_x), never its FID reference.
+    max_train_per_client: int | list[int] = 0
     max_test_per_client: _NonNegative = 0  # 0 keeps every held-out image of the client
+
+    def train_size(self, client: int) -> int:
+        """Client ``client``'s training-image size from ``max_train_per_client`` (0: all of its images)."""
+        sizes = self.max_train_per_client
+        return sizes[client] if isinstance(sizes, list) else sizes
 
     @model_validator(mode="after")
     def _partition_rules(self) -> DataConfig:
+        sizes = self.max_train_per_client
+        if isinstance(sizes, list):
+            if len(sizes) != self.num_clients or not all(type(n) is int and n >= 1 for n in sizes):
+                raise _invalid("data.max_train_per_client", sizes,
+                               f"an integer >= 0 (0 = all), or a list of {self.num_clients} integers >= 1, one per "
+                               f"client (data.num_clients = {self.num_clients})")
+        elif type(sizes) is not int or sizes < 0:
+            raise _invalid("data.max_train_per_client", sizes, "an integer >= 0 (0 = all), or a list of one integer "
+                           ">= 1 per client")
         n_classes = self.num_classes or DATASET_DEFAULTS[self.dataset][0]
         if self.partition == "class_groups":
             groups = self.class_groups
@@ -217,6 +234,9 @@ class TrainConfig(_Section):
     # label dropout, trains the null label for classifier-free guidance
     cond_drop_prob: float = _allowed("a number in [0, 1)", default=0.1, ge=0, lt=1)
     checkpoint_every: _Count = 1  # rounds between checkpoints; an interrupted run loses at most this many
+    # Rounds whose checkpoints are kept for good (the newest two are always kept): the points of a training curve
+    # that `collafuse evaluate --checkpoint round_000025` scores later. Not part of a run's identity.
+    keep_rounds: list[Annotated[int, Field(ge=1)]] = _allowed("a list of round numbers >= 1", default_factory=list)
     # Matmul precision of forward passes (training and sampling). Weights, Adam state, EMA and the loss stay fp32;
     # bf16 runs the model under torch.autocast. "auto": bf16 where the device has native bf16 (a CPU with avx512_bf16
     # or AMX, a CUDA GPU that supports it), fp32 elsewhere. Not part of a run's identity: a run may resume in another.

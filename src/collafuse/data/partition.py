@@ -29,6 +29,10 @@ class ClientData:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    # The client's own images left out by data.max_train_per_client: never trained on and not the FID reference
+    # (that is test_x), so a training curve's best point can be chosen on them. None when nothing was left out.
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     def class_counts(self, num_classes: int) -> list[int]:
         return torch.bincount(self.train_y, minlength=num_classes).tolist()
@@ -80,6 +84,15 @@ def _subsample(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
     return np.sort(rng.permutation(idx)[:cap]) if cap else idx
 
 
+def _subsample_with_rest(idx: np.ndarray, cap: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``cap`` of ``idx`` drawn without replacement (all when cap = 0) and the rest; the same draw as `_subsample`,
+    so runs from before the rest was kept train on the same images."""
+    if not cap:
+        return idx, idx[:0]
+    order = rng.permutation(idx)
+    return np.sort(order[:cap]), np.sort(order[cap:])
+
+
 def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
     if len(y) and int(y.max()) >= num_classes:
         raise DataError(f"{where} has labels up to {int(y.max())}, but data.num_classes = {num_classes} "
@@ -129,13 +142,21 @@ def load_client_datasets(cfg: DataConfig, num_classes: int, seed: int) -> list[C
         f" at data.root = '{cfg.root}'" if cfg.dataset not in ("sklearn-digits", "lfw-subset") else ""))
     train_parts, test_parts = _client_indices(cfg, train, test, num_classes, rng)
     clients = []
+    exact = isinstance(cfg.max_train_per_client, list)  # a list gives sizes, a single number only caps
     for i, (tr, te) in enumerate(zip(train_parts, test_parts)):
-        tr = _subsample(tr, cfg.max_train_per_client, rng)
+        if exact and cfg.train_size(i) > len(tr):
+            raise DataError(f"data.max_train_per_client = {cfg.max_train_per_client} is invalid (client {i} holds "
+                            f"{len(tr)} training images; allowed: sizes up to what each client holds)")
+        tr, rest = _subsample_with_rest(tr, cfg.train_size(i), rng)
         te = _subsample(te, cfg.max_test_per_client, rng)
         if len(tr) == 0:
             raise DataError(f"client {i} received no training images under data.partition = {cfg.partition!r} "
                             f"(allowed: a rule that gives every client images, e.g. fewer clients or other groups)")
-        clients.append(_to_client(i, train.images[tr], train.labels[tr], test.images[te], test.labels[te]))
+        client = _to_client(i, train.images[tr], train.labels[tr], test.images[te], test.labels[te])
+        if len(rest):
+            val = _to_client(i, train.images[rest], train.labels[rest], test.images[:0], test.labels[:0])
+            client.val_x, client.val_y = val.train_x, val.train_y
+        clients.append(client)
     return clients
 
 

@@ -42,7 +42,7 @@ def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dic
     latest checkpoint), every ``[sample]`` setting that reaches the samplers (sampler, steps, guidance, EMA, batch
     size, and whatever is added there later), the sampling seed, the client and n; and the sampler's timestep grid
     itself, so samples drawn before a change of how the grid is built are never scored as the new grid's."""
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    ckpt = getattr(fed, "restored_from", None) or latest_checkpoint(run_dir / "checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
     sample = {k: v for k, v in fed.cfg.sample.model_dump().items() if k != "n_per_client"}
     return {"client": client, "n": n, "checkpoint": ckpt.name, "node_files": state["files"], "sample": sample,
@@ -165,8 +165,17 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
 def compute_section(fed: Federation, run_dir: Path) -> dict:
     cfg = fed.cfg
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    node_flops = measure_node_flops(cfg)
+    done = fed.history.rounds_done
+    at_checkpoint = run_accounting(cfg.model_copy(update={"train": cfg.train.model_copy(update={"rounds": done})}),
+                                   node_flops)["training"]
     section = {
-        "flops": run_accounting(cfg, measure_node_flops(cfg)),
+        "flops": run_accounting(cfg, node_flops),
+        # what was spent up to the evaluated checkpoint (a point of the training curve; issue 28): equal-compute
+        # comparisons interpolate FID over these, not over the configured budget
+        "training_to_checkpoint": {"rounds": done, "server_flops": at_checkpoint["server"]["flops"],
+                                   "client_flops": at_checkpoint["client"]["flops"],
+                                   "total_flops": at_checkpoint["total_flops"]},
         "measured_train_seconds": metrics.get("train_seconds"),
         "measured_sample_seconds": metrics.get("sample_seconds"),
     }
@@ -208,7 +217,7 @@ def classifier_arrays(cfg: Config) -> dict | None:
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), progress: bool = True,
-                 output: str = "evaluation.json") -> dict:
+                 output: str = "evaluation.json", checkpoint: str | None = None) -> dict:
     """Evaluate a trained run and write ``RUN_DIR/OUTPUT``; returns the same dict.
 
     Args:
@@ -219,12 +228,15 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
         output (`str`, defaults to ``"evaluation.json"``): the file name inside ``run_dir``. A second evaluation
             under other settings (``--set eval.extractor=inception``, ``--set sample.sampler=ddpm``) goes to its
             own file, so it never replaces the one ``sweep`` reads.
+        checkpoint (`str`, *optional*): the checkpoint to score (``round_000025`` or ``25``, kept by
+            ``train.keep_rounds``); the latest by default. Its training FLOPs up to that round are recorded
+            (``compute.flops_to_checkpoint``).
     """
     run_dir = Path(run_dir)
     if not output.endswith(".json") or Path(output).name != output or output.startswith("."):
         raise ConfigError(f"evaluate --output: {output!r} is not allowed; give a plain file name ending in .json "
                           "(it is written inside the run directory)")
-    fed = load_run(run_dir, overrides)
+    fed = load_run(run_dir, overrides, checkpoint=checkpoint)
     cfg: Config = fed.cfg
     fed.set_progress(progress)
     t0 = time.perf_counter()
@@ -242,7 +254,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
         "cut": cfg.cut,
         "timesteps": cfg.diffusion.timesteps,
         "rounds": fed.history.rounds_done,
-        "checkpoint": latest_checkpoint(run_dir / "checkpoints").name,
+        "checkpoint": fed.restored_from.name,
         "n_samples_per_client": cfg.eval.n_samples,
         "sampler_grid": sampling_grid(cfg),
         "extractor": {"name": cfg.eval.extractor, **getattr(extractor, "info", {})},

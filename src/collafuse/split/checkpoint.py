@@ -57,8 +57,10 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(ckpt_dir: Path, round_: int, nodes: dict[str, NodeState], run_state: dict, keep: int = 2) -> Path:
-    """Write the state of every node and the run for a completed round; keep the newest ``keep`` rounds."""
+def save_checkpoint(ckpt_dir: Path, round_: int, nodes: dict[str, NodeState], run_state: dict, keep: int = 2,
+                    keep_rounds: tuple[int, ...] | list[int] = ()) -> Path:
+    """Write the state of every node and the run for a completed round; keep the newest ``keep`` rounds and every
+    round in ``keep_rounds`` (milestones that are evaluated later, ``train.keep_rounds``)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"round_{round_:06d}"
     tmp = ckpt_dir / f".tmp_round_{round_:06d}_{os.getpid()}"
@@ -82,10 +84,25 @@ def save_checkpoint(ckpt_dir: Path, round_: int, nodes: dict[str, NodeState], ru
     os.rename(tmp, final)
     _fsync_dir(ckpt_dir)
     write_text_atomic(ckpt_dir / "LATEST", final.name + "\n")
-    rounds = sorted(p for p in ckpt_dir.glob("round_*") if p.is_dir())
+    milestones = {f"round_{r:06d}" for r in keep_rounds}
+    rounds = sorted(p for p in ckpt_dir.glob("round_*") if p.is_dir() and p.name not in milestones)
     for old in rounds[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def named_checkpoint(ckpt_dir: Path, name: str | None = None) -> Path | None:
+    """The checkpoint ``name`` (``round_000025`` or just ``25``) under ``ckpt_dir``; the latest when ``name`` is None.
+    Raises ``CheckpointError`` naming the checkpoints there when it does not exist."""
+    if name is None:
+        return latest_checkpoint(ckpt_dir)
+    text = str(name).strip()
+    path = ckpt_dir / (f"round_{int(text):06d}" if text.isdigit() else text)
+    if not (path / "state.json").is_file():
+        have = sorted(p.name for p in ckpt_dir.glob("round_*") if p.is_dir())
+        raise CheckpointError(f"checkpoint = {name!r} is invalid (allowed: one of {', '.join(have) or 'none'} under "
+                              f"{ckpt_dir}; keep more with train.keep_rounds)")
+    return path
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, load_config
 from ..data.partition import ClientData, load_client_datasets
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, named_checkpoint, save_checkpoint
 from .client import Client
 from .protocol import SERVER, Message, bounded_reason, client_index
 from .seeding import ClientSecret, SecretError
@@ -205,11 +205,13 @@ class Orchestrator:
 
     def save(self, ckpt_dir: Path) -> Path:
         run_state = {"config_hash": self.cfg.identity_hash(), "history": self.history.to_dict()}
-        return save_checkpoint(ckpt_dir, self.history.rounds_done, self.node_states(), run_state)
+        return save_checkpoint(ckpt_dir, self.history.rounds_done, self.node_states(), run_state,
+                               keep_rounds=self.cfg.train.keep_rounds)
 
-    def restore(self, ckpt_dir: Path) -> bool:
-        """Load the latest checkpoint if there is one. Raises ``CheckpointError`` if it is corrupt or mismatched."""
-        path = latest_checkpoint(ckpt_dir)
+    def restore(self, ckpt_dir: Path, checkpoint: str | None = None) -> bool:
+        """Load the latest checkpoint (or the one named ``checkpoint``, e.g. ``round_000025``) if there is one.
+        Raises ``CheckpointError`` if it is corrupt, mismatched or (when named) absent."""
+        path = named_checkpoint(ckpt_dir, checkpoint)
         if path is None:
             return False
         nodes, state = load_checkpoint(path, self.cfg.identity_hash())
@@ -222,6 +224,7 @@ class Orchestrator:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit the configured models: {e}") from None
         self.history = History.from_dict(state["history"])
+        self.restored_from = path  # which checkpoint the weights are (evaluation keys its sample cache on it)
         return True
 
     # -- the loop ------------------------------------------------------------------------------------------------------
@@ -234,7 +237,8 @@ class Orchestrator:
         for round_ in bar:
             losses = self.run_round(round_)
             bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items() if not math.isnan(v)}, refresh=False)
-            if ckpt_dir is not None and (round_ % tr.checkpoint_every == 0 or round_ == tr.rounds):
+            if ckpt_dir is not None and (round_ % tr.checkpoint_every == 0 or round_ == tr.rounds
+                                         or round_ in tr.keep_rounds):
                 self.save(ckpt_dir)
             if on_round is not None:
                 on_round(round_)
@@ -280,11 +284,13 @@ class Federation(Orchestrator):
             role.show_progress = show
 
 
-def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), log: MessageLog | None = None) -> Federation:
-    """A Federation restored from a run directory's config.toml and latest checkpoint (log in memory by default)."""
+def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), log: MessageLog | None = None,
+             checkpoint: str | None = None) -> Federation:
+    """A Federation restored from a run directory's config.toml and its latest checkpoint, or the one named
+    ``checkpoint`` (``round_000025``; kept by ``train.keep_rounds``); the log is in memory by default."""
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"run_dir = '{run_dir}' has no config.toml (expected a directory written by collafuse run)")
     fed = Federation(load_config(run_dir / "config.toml", overrides), log=log)
-    if not fed.restore(run_dir / "checkpoints"):
+    if not fed.restore(run_dir / "checkpoints", checkpoint):
         raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint; train first with collafuse run")
     return fed
