@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,3 +90,14 @@ def idx_dataset(tmp_path) -> Path:
         write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+@pytest.fixture
+def sweep_toml(tmp_path, idx_dataset) -> Path:
+    """The tiny config on the tiny IDX folder, with an evaluation that takes seconds, as a TOML file."""
+    extra = {"data": {"root": str(idx_dataset)},
+             "eval": {"n_samples": 8, "n_real": 16, "disclosure_n": 8, "distractors": 40, "averaging_ks": [1, 4],
+                      "cache_dir": str(tmp_path / "cache"), "energy_steps": 1}}
+    path = tmp_path / "sweep.toml"
+    path.write_text(tomli_w.dumps(merge(TINY, extra)))
+    return path

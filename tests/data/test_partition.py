@@ -145,3 +145,38 @@ def test_shipped_configs_build_models_that_fit_their_images(path, shape):
     with torch.no_grad():
         out = model(torch.zeros(1, *shape), torch.tensor([10]), class_labels=ids).sample
     assert out.shape == (1, *shape)
+
+
+def test_per_client_sizes_are_exact_and_leave_the_rest_for_validation(idx_dataset):
+    """A list of sizes gives each client exactly that many training images (12 per class in the tiny set: client 0
+    holds classes 0-4, 60 images); the rest of its images become its validation set, its test split is whole."""
+    cfg = DataConfig(root=str(idx_dataset), num_clients=2, max_train_per_client=[7, 60])
+    a, b = load_client_datasets(cfg, 10, seed=0)
+    assert (len(a.train_y), len(a.val_y), len(a.test_y)) == (7, 53, 20)
+    assert (len(b.train_y), b.val_x, len(b.test_y)) == (60, None, 20)
+    # disjoint, and together every training image of client 0's classes
+    rows = {tuple(x.flatten().tolist()) for x in torch.cat([a.train_x, a.val_x])}
+    assert len(rows) == 60
+    again = load_client_datasets(cfg, 10, seed=0)[0]
+    assert torch.equal(again.train_x, a.train_x)  # drawn once by the data seed: every configuration shares it
+    assert not torch.equal(load_client_datasets(cfg, 10, seed=1)[0].train_x, a.train_x)
+    # the single-number cap draws the same images as before the list form existed
+    capped = load_client_datasets(DataConfig(root=str(idx_dataset), num_clients=2, max_train_per_client=7), 10, 0)
+    assert torch.equal(capped[0].train_x, a.train_x)
+
+
+@pytest.mark.parametrize("sizes, needle", [
+    ([5], "a list of 2 integers >= 1, one per client (data.num_clients = 2)"),
+    ([5, 0], "a list of 2 integers >= 1"),
+    ([5, 6, 7], "a list of 2 integers >= 1"),
+    (-1, "an integer >= 0 (0 = all)"),
+])
+def test_bad_sizes_are_one_line_errors(sizes, needle):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"data": {"num_clients": 2, "max_train_per_client": sizes}})
+    assert f"data.max_train_per_client = {sizes!r} is invalid" in str(e.value) and needle in str(e.value)
+
+
+def test_a_size_above_what_the_client_holds_names_what_it_holds(idx_dataset):
+    with pytest.raises(DataError, match=r"client 1 holds 60 training images"):
+        load_client_datasets(DataConfig(root=str(idx_dataset), num_clients=2, max_train_per_client=[5, 61]), 10, 0)

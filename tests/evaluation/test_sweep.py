@@ -49,16 +49,6 @@ def test_bad_cuts(text, needle):
     assert parse_cuts("200, 0,0,1000") == [0, 200, 1000]
 
 
-@pytest.fixture
-def sweep_toml(tmp_path, idx_dataset) -> Path:
-    extra = {"data": {"root": str(idx_dataset)},
-             "eval": {"n_samples": 8, "n_real": 16, "disclosure_n": 8, "distractors": 40, "averaging_ks": [1, 4],
-                      "cache_dir": str(tmp_path / "cache"), "energy_steps": 1}}
-    path = tmp_path / "sweep.toml"
-    path.write_text(tomli_w.dumps(merge(TINY, extra)))
-    return path
-
-
 def test_tiny_sweep_end_to_end_and_resume(sweep_toml, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", str(sweep_toml), "--cuts", f"6,{T}", "--out", str(out), "--quiet"]) == 0

@@ -1,7 +1,10 @@
 """``collafuse evaluate RUN_DIR``: the paper's three claims measured on one trained run.
 
-- fidelity: FID/KID of each client's samples against its own train and held-out test images, and over all
-  clients, with a pluggable feature extractor; predicted-label histograms against the client's class mix;
+- fidelity: FID/KID of each client's samples against its own train and held-out test images (and its left-out
+  validation images under a data-size cap), and over all clients, with a pluggable feature extractor;
+  predicted-label histograms against the client's class mix;
+- memorisation: the share of samples that copy a training image and the nearest-neighbour ratio
+  (collafuse.evaluation.memorisation);
 - disclosure: what the server could learn from the uploads and its sampling hand-offs (collafuse.evaluation.disclosure);
 - compute: exact FLOPs per node and phase (collafuse.evaluation.compute), measured wall time, an energy estimate;
 - communication: bytes per client from the run's message log (collafuse.evaluation.communication).
@@ -34,6 +37,7 @@ from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
 from .disclosure import disclosure_report
 from .features import get_extractor
+from .memorisation import memorisation
 from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
 
 
@@ -113,9 +117,16 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
         test_x, test_y = real_subset(c.data.test_x, c.data.test_y, cfg.eval.n_real, seed=100 + c.index)
         fake_f, train_f = features(fake, "fake"), features(train_x, "real")
         test_f = features(test_x, "real") if len(test_x) > 1 else None
+        val_f = None
+        if c.data.val_x is not None and len(c.data.val_x) > 1:  # the client's left-out images (a data-size cap)
+            val_x, _ = real_subset(c.data.val_x, c.data.val_y, cfg.eval.n_real, seed=300 + c.index)
+            val_f = features(val_x, "real")
         per_client[c.node_id] = {
             "vs_train": fid_kid_from_features(train_f, fake_f, extractor),
             "vs_test": fid_kid_from_features(test_f, fake_f, extractor) if test_f is not None else None,
+            # validation: chooses a training curve's best point without touching the FID reference (vs_test)
+            "vs_val": fid_kid_from_features(val_f, fake_f, extractor) if val_f is not None else None,
+            "n_real": {"train": len(train_x), "test": len(test_x), "val": 0 if val_f is None else len(val_f)},
             # requested: the labels the samples were drawn for, so a right histogram of wrong labels shows
             "label_mix": compare_label_mix(fake, classifier, c.data.train_y, cfg.num_classes,
                                            requested=samples[c.index]["y"]
@@ -125,6 +136,13 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
         all_real.append(test_f if test_f is not None else train_f)
     overall = fid_kid_from_features(torch.cat(all_real), torch.cat(all_fake), extractor)
     return {"per_client": per_client, "overall_vs_test": overall}
+
+
+def memorisation_section(fed: Federation, samples: dict[int, dict]) -> dict:
+    """Per client: does it copy its training images (`collafuse.evaluation.memorisation`), on the FID samples,
+    against every training image of the client and its held-out split."""
+    return {c.node_id: memorisation(samples[c.index]["x0"], c.data.train_x, c.data.test_x, seed=400 + c.index)
+            for c in fed.clients}
 
 
 def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
@@ -261,6 +279,9 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
         "fidelity": fidelity_section(fed, samples, extractor, classifier),
     }
     result["seconds"] = {"sampling": sample_s, "fidelity": time.perf_counter() - t1}
+    t3 = time.perf_counter()
+    result["memorisation"] = memorisation_section(fed, samples)
+    result["seconds"]["memorisation"] = time.perf_counter() - t3
     t2 = time.perf_counter()
     result["disclosure"] = disclosure_section(fed, samples)
     result["seconds"]["disclosure"] = time.perf_counter() - t2
