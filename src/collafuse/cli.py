@@ -80,6 +80,25 @@ def _parser() -> argparse.ArgumentParser:
                          "added to every table and plot, e.g. FedAvg=results/fashion-mnist-seeds/fedavg")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    st = sub.add_parser("study", help="run a study file's grid as a resumable queue (lanes, a deadline or a Ray "
+                                      "cluster), copy each finished run's small files to the results folder, "
+                                      "refresh the summary")
+    st.add_argument("file", help="study TOML, e.g. studies/fashion-mnist-scarce.toml")
+    st.add_argument("--lanes", type=int, default=1, help="runs at once on this machine (default %(default)s)")
+    st.add_argument("--threads", type=int, default=0, help="torch threads per lane (default: torch's own)")
+    st.add_argument("--device", help="torch device for every run, e.g. cuda")
+    st.add_argument("--deadline", type=float, metavar="SECONDS",
+                    help="stop every lane after this many seconds (runs resume from their last checkpoint)")
+    st.add_argument("--commit", action="store_true", help="git commit each finished run's small files at once")
+    st.add_argument("--report-only", action="store_true", help="run nothing: rebuild the summary from the results")
+    st.add_argument("--list", action="store_true", help="print the queue in priority order with each run's state")
+    st.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (e.g. 127.0.0.1:6379), one task a run")
+    st.add_argument("--results", metavar="DIR", help="results folder instead of the study file's")
+    st.add_argument("--work", metavar="DIR", help="work folder (checkpoints, secrets) instead of the study file's")
+    st.add_argument("--root", metavar="DIR", help="the folder the study's paths are relative to (default: .)")
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)  # one lane process of --lanes N
+
     fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
                                            "after)")
     fs.add_argument("config", help="TOML config, e.g. configs/flower.toml")
@@ -186,7 +205,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .evaluation.sweep import parse_baseline, parse_cuts, parse_seeds, run_sweep
+    from .study.sweep import parse_baseline, parse_cuts, parse_seeds, run_sweep
 
     overrides = _with_device(args.overrides, args.device)
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
@@ -202,6 +221,53 @@ def cmd_sweep(args) -> int:
         print(f"\ninterrupted; the same command resumes: collafuse {shlex.join(args.argv)}", file=sys.stderr)
         return 130
     print(f"report: {report}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    import time
+
+    from .study import runner
+    from .study.spec import load_study
+
+    study = load_study(args.file, args.root)
+    for name in ("results", "work"):
+        if getattr(args, name):
+            setattr(study.spec.study, name, str(Path(getattr(args, name)).resolve()))
+    if args.lanes < 1 or args.threads < 0:
+        raise ConfigError(f"--lanes = {args.lanes}, --threads = {args.threads} is invalid (allowed: lanes >= 1, "
+                          "threads >= 0)")
+    if args.deadline is not None and args.deadline <= 0:
+        raise ConfigError(f"--deadline = {args.deadline} is invalid (allowed: seconds > 0)")
+    if args.list:
+        for job in study.jobs:
+            state = "done" if runner.done(study, job) else "pending"
+            print(f"{state:8s} {job.key}  ({', '.join(ev.output for ev in job.evaluations)})")
+        return 0
+    if args.report_only:
+        report = runner.refresh_report(study)
+        print(f"report: {report}" if report else f"{args.file}: study.report = 'none' (nothing to rebuild)")
+        return 0
+    deadline = None if args.deadline is None else time.time() + args.deadline
+    try:
+        if args.ray:
+            n = runner.run_on_ray(study, args.ray, args.threads or 1, args.device, args.commit)
+        elif args.lanes > 1 and not args.lane:
+            argv = ["study", args.file, "--threads", str(args.threads)]
+            for flag, value in (("--device", args.device), ("--results", args.results), ("--work", args.work),
+                                ("--root", args.root)):
+                argv += [flag, str(Path(value).resolve()) if flag != "--device" else value] if value else []
+            argv += ["--commit"] * args.commit + ["--quiet"] * args.quiet
+            if deadline is not None:
+                argv += ["--deadline", f"{deadline - time.time():.0f}"]
+            return runner.run_lanes(study, args.lanes, argv)
+        else:
+            n = runner.run_lane(study, args.threads, args.device, args.commit, not args.quiet, deadline)
+    except KeyboardInterrupt:
+        print(f"\nstopped; the same command resumes: collafuse {shlex.join(args.argv)}", file=sys.stderr)
+        return 130
+    left = len(runner.pending(study))
+    print(f"study {study.name}: {n} run(s) finished now, {left} pending; results: {study.results}")
     return 0
 
 
@@ -258,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in reports
     try:
-        commands = {"sweep": cmd_sweep, "run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate,
+        commands = {"study": cmd_study, "sweep": cmd_sweep, "run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate,
                     "flower-sim": cmd_flower, "flower-deploy": cmd_flower, "export-client-data": cmd_export,
                     "flower-pki": cmd_pki, "secrets": cmd_secrets}
         return commands[args.command](args)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
 from ..split.checkpoint import latest_checkpoint, write_text_atomic
-from .evaluate import evaluate_run
-from .experiment import run_experiment
+from ..evaluation.evaluate import evaluate_run
+from ..evaluation.experiment import run_experiment
 
 
 def parse_cuts(text: str, timesteps: int | None = None) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collafuse.evaluation.seed_summary import interval, judge
+from collafuse.study.seed_summary import interval, judge
 
 T = 1000
 

@@ -14,8 +14,8 @@ import torch
 from collafuse.cli import main
 from collafuse.config import ConfigError, load_config
 from collafuse.evaluation.compute import build_node_model
-from collafuse.evaluation.sweep import parse_cuts
-from collafuse.evaluation.sweep_report import hypotheses
+from collafuse.study.sweep import parse_cuts
+from collafuse.study.sweep_report import hypotheses
 from conftest import TINY, merge
 
 T = TINY["diffusion"]["timesteps"]

@@ -1,0 +1,154 @@
+"""``collafuse study``: a tiny study end to end (grid, evaluations at milestones, results copied, summary, resume
+and skip), lanes over one queue, and one-line errors for bad study files (issue 28, item 0)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from collafuse.cli import main
+from collafuse.config import ConfigError
+from collafuse.study import runner
+from collafuse.study.spec import load_study
+
+
+def write_study(tmp_path: Path, sweep_toml: Path, **changes) -> Path:
+    spec = {
+        "study": {"name": "tiny", "config": str(sweep_toml), "results": str(tmp_path / "results"),
+                  "work": str(tmp_path / "work"), "set": ["train.rounds=2", "train.keep_rounds=[1]"],
+                  "seeds": [0, 1], "vary_data_seed": True, "path": "{size}/seed_{seed}/{config}", "report": "scarce"},
+        "axes": {"size": {"n0010": ["data.max_train_per_client=10"]},
+                 "config": {"cut_0006": ["split.cut=6"], "cut_0020": ["split.cut=20"],
+                            "alone_large": ["split.cut=20"]}},
+        "grid": [{"size": ["n0010"], "config": ["cut_0006", "cut_0020"]},
+                 {"size": ["n0010"], "config": ["cut_0006", "alone_large"], "seeds": [0]}],
+        "evaluation": [{"output": "evaluation.json"},
+                       {"output": "evaluation_r0001.json", "checkpoint": 1, "set": ["eval.energy_steps=0"]},
+                       {"output": "evaluation.json", "export_samples": True,
+                        "only": {"seed": [0], "config": ["cut_0006"]}}],
+    }
+    for section, values in changes.items():
+        spec[section] = values if not isinstance(values, dict) or section != "study" else {**spec["study"], **values}
+    path = tmp_path / "study.toml"
+    path.write_text(tomli_w.dumps(spec))
+    return path
+
+
+def test_the_grid_expands_in_priority_order_once_each(sweep_toml, tmp_path):
+    study = load_study(write_study(tmp_path, sweep_toml))
+    # seeds slowest within a block, then the block's axes; the second block's cut_0006 seed 0 is already queued
+    assert [j.key for j in study.jobs] == ["n0010/seed_0/cut_0006", "n0010/seed_0/cut_0020",
+                                          "n0010/seed_1/cut_0006", "n0010/seed_1/cut_0020",
+                                          "n0010/seed_0/alone_large"]
+    first = study.jobs[0]
+    assert first.overrides == ["train.rounds=2", "train.keep_rounds=[1]", "data.max_train_per_client=10",
+                               "split.cut=6"]
+    assert [e.output for e in first.evaluations] == ["evaluation.json", "evaluation_r0001.json", "evaluation.json"]
+    assert [e.output for e in study.jobs[2].evaluations] == ["evaluation.json", "evaluation_r0001.json"]
+    # seed 1 moves the data seed too (vary_data_seed): its own subsample
+    cfg0, cfg1 = runner.job_config(study, study.jobs[0]), runner.job_config(study, study.jobs[2])
+    assert (cfg0.seeds.data, cfg1.seeds.data, cfg1.seeds.init - cfg0.seeds.init) == (0, 1000, 1000)
+
+
+def test_a_tiny_study_runs_resumes_and_skips_what_is_committed(sweep_toml, tmp_path, capsys, monkeypatch):
+    file = write_study(tmp_path, sweep_toml)
+    assert main(["study", str(file), "--quiet"]) == 0
+    assert "5 run(s) finished now, 0 pending" in capsys.readouterr().out
+    results = tmp_path / "results"
+    run = results / "n0010/seed_0/cut_0006"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.toml", "metrics.json", "evaluation.json", "evaluation_r0001.json", "report.md",
+            "samples_uint8_client0.safetensors", "samples_uint8_client1.safetensors"} <= names
+    assert not any(n.endswith(".jsonl") for n in names)  # the message log stays in work/
+    assert not (results / "n0010/seed_1/cut_0006/samples_uint8_client0.safetensors").exists()
+    from safetensors.torch import load_file
+
+    s = load_file(str(run / "samples_uint8_client0.safetensors"))
+    assert s["images"].dtype.is_floating_point is False and tuple(s["images"].shape) == (8, 1, 28, 28)
+    assert (tmp_path / "work/secrets/seed_0.toml").is_file() and not list(results.rglob("*secret*"))
+    # the milestone is round 1 with its own FLOPs, the final round 2
+    r1 = json.loads((run / "evaluation_r0001.json").read_text())
+    assert (r1["checkpoint"], r1["compute"]["training_to_checkpoint"]["rounds"]) == ("round_000001", 1)
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and metrics["sizes"] == {"n0010": 10}
+    versus = metrics["settings"]["n0010"]["versus_alone"]
+    e = versus["cut_1000" if "cut_1000" in versus else "alone_large"]
+    assert e  # cut_0006 against the large model alone, paired on seed 0
+    vs = metrics["settings"]["n0010"]["versus_alone"]["alone_large"]["cut_0006"]["client0"]["final"]
+    assert vs["n"] == 1 and vs["verdict"] == "one seed"
+    report = (results / "report.md").read_text()
+    assert "## n0010" in report and "fid_vs_n_client0.png" in report and (results / "fid_vs_flops.png").is_file()
+    # everything committed is skipped: nothing trains or evaluates again, even from an empty work folder
+    monkeypatch.setattr(runner, "train_and_evaluate", lambda *a, **k: pytest.fail("ran a finished run again"))
+    assert main(["study", str(file), "--quiet"]) == 0
+    assert "0 run(s) finished now, 0 pending" in capsys.readouterr().out
+    assert main(["study", str(file), "--list"]) == 0
+    assert capsys.readouterr().out.count("done ") == 5
+    assert main(["study", str(file), "--report-only"]) == 0
+
+
+def test_a_results_folder_of_another_config_is_refused(sweep_toml, tmp_path, capsys):
+    file = write_study(tmp_path, sweep_toml, grid=[{"size": ["n0010"], "config": ["cut_0006"], "seeds": [0]}])
+    theirs = tmp_path / "results/n0010/seed_0/cut_0006"
+    theirs.mkdir(parents=True)
+    from collafuse.config import load_config
+
+    (theirs / "config.toml").write_text(load_config(sweep_toml, ["split.cut=6", "train.rounds=7"]).to_toml())
+    assert main(["study", str(file), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds n0010/seed_0/cut_0006 made with another config" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"grid": []}, "the grid is empty"),
+    ({"grid": [{"size": ["n0010"], "config": ["cut_9999"]}]}, "'cut_9999' is no variant"),
+    ({"grid": [{"size": ["n0010"], "colour": ["red"]}]}, "grid[0].colour is an unknown axis"),
+    ({"grid": [{"size": ["n0010"]}]}, "grid[0] names no 'config'"),
+    ({"study": {"bogus": 1}}, "unknown key 'study.bogus'"),
+    ({"study": {"path": "{size}/{config}"}}, "it needs {seed}"),
+    ({"study": {"seeds": []}}, "study.seeds"),
+    ({"axes": {"size": {"n0010": ["data.max_train_per_client=10"]},
+               "config": {"cut_0006": ["split.cut=6000"]}}, "grid": [{"size": ["n0010"], "config": ["cut_0006"]}]},
+     "run n0010/seed_0/cut_0006: split.cut = 6000 is invalid"),
+])
+def test_bad_study_files_are_one_line_errors(sweep_toml, tmp_path, capsys, change, needle):
+    file = write_study(tmp_path, sweep_toml, **change)
+    assert main(["study", str(file), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_an_unknown_section_and_a_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[studdy]\nname = 'x'\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[studdy\]"):
+        load_study(bad)
+    assert main(["study", str(tmp_path / "none.toml"), "--list"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_two_lanes_share_one_queue(sweep_toml, tmp_path):
+    """Two lane processes over one queue: every run is done once (the claims keep lanes apart)."""
+    file = write_study(tmp_path, sweep_toml, evaluation=[{"output": "evaluation.json", "set": ["eval.energy_steps=0"]}])
+    r = subprocess.run([sys.executable, "-m", "collafuse", "study", str(file), "--lanes", "2", "--threads", "1",
+                        "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = load_study(file)
+    assert not runner.pending(study)
+    starts = [line for line in r.stdout.splitlines() if line.endswith(": start")]
+    assert sorted(starts) == sorted(set(starts)) and len(starts) == 5  # each run started once, by one lane
+    assert not list((tmp_path / "work/claims").glob("*.lock"))
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(sweep_toml, tmp_path):
+    study = load_study(write_study(tmp_path, sweep_toml))
+    job = study.jobs[0]
+    lock = runner.claim(study, job)
+    assert lock is not None and runner.claim(study, job) is None  # held by a live process (this one)
+    lock.write_text("999999999 0\n")  # a pid that does not exist
+    assert runner.claim(study, job) == lock
