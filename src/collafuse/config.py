@@ -506,17 +506,20 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return parts[0], parts[1], value
 
 
+def read_toml(path: str | Path, what: str = "config file", example: str = "configs/demo.toml") -> dict:
+    """A TOML file as a dict; a missing or malformed file is one ``ConfigError`` line naming ``what`` it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist (pass a TOML file, e.g. {example})")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a TOML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist (pass a TOML file, e.g. configs/demo.toml)")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+    data: dict = {} if path is None else read_toml(path)
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})

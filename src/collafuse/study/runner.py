@@ -212,6 +212,14 @@ def commit(study: Study, paths: list[Path], message: str) -> bool:
         return False
 
 
+def _relative(path: Path) -> Path:
+    """``path`` relative to the current directory when it lies below it, else as it is."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def refresh_report(study: Study) -> Path | None:
     """Step 4: the study's summary from what is in the results folder (`report` in the study file)."""
     kind = study.spec.study.report
@@ -221,8 +229,9 @@ def refresh_report(study: Study) -> Path | None:
         from .sweep import run_sweep
 
         s = study.spec.study
-        baselines = {label: study.results / d for label, d in s.report_baselines.items()} or None
-        return run_sweep(study.config, s.report_cuts, study.results, [*s.set, *s.report_set], progress=False,
+        results = _relative(study.results)  # the report names its runs as the committed tree does
+        baselines = {label: results / d for label, d in s.report_baselines.items()} or None
+        return run_sweep(study.config, sorted(s.report_cuts), results, [*s.set, *s.report_set], progress=False,
                          command=s.report_command, seeds=s.seeds, report_only=True, baselines=baselines)
     from .scarce_report import write_scarce_report
 

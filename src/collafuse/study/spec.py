@@ -22,6 +22,8 @@ A study names *axes* of named variants (each a list of ``--set`` overrides) and 
     size = ["n0100"]
     config = ["cut_0200", "fedavg"]
     seeds = [0, 1, 2]                          # optional: the study's seeds
+    # optional: path = "other/seed_{seed}/{config}" (this block's folders), set = [...] (this block's overrides),
+    # evaluations = ["evaluation.json"] (only these of the [[evaluation]] outputs)
 
     [[evaluation]]                             # every run: evaluation.json of the last checkpoint
     output = "evaluation.json"
@@ -45,14 +47,13 @@ from __future__ import annotations
 import itertools
 import re
 import string
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, read_toml
 from .sweep import seed_overrides
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -82,6 +83,9 @@ class StudySection(_Strict):
 class GridBlock(_Strict):
     model_config = ConfigDict(extra="allow", strict=True)  # the axes, by name
     seeds: list[Annotated[int, Field(ge=0)]] | None = None
+    path: str | None = None  # this block's run folders (default: study.path), e.g. "fedavg/seed_{seed}/{cut}"
+    set: list[str] = Field(default_factory=list)  # overrides of this block's runs only
+    evaluations: list[str] | None = None  # the evaluation outputs of this block's runs (default: all that apply)
 
 
 class Evaluation(_Strict):
@@ -155,13 +159,8 @@ def load_study(path: str | Path, root: str | Path | None = None) -> Study:
     """Read and check a study file and expand its grid (nothing runs). ``root``: the folder every path in it is
     relative to (default: the current directory). Raises ``ConfigError`` with one line for any bad key or value."""
     file = Path(path)
-    root = Path.cwd() if root is None else Path(root)
-    if not file.is_file():
-        raise ConfigError(f"study file '{file}' does not exist (pass a TOML file, e.g. studies/fashion-mnist-scarce.toml)")
-    try:
-        data = tomllib.loads(file.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"study file '{file}' is not valid TOML: {e}") from None
+    root = Path(".") if root is None else Path(root)  # relative: reports name results/..., not /home/...
+    data = read_toml(file, "study file", "studies/fashion-mnist-scarce.toml")
     unknown = sorted(set(data) - set(StudyFile.model_fields))
     if unknown:
         raise ConfigError(f"{file}: unknown section [{unknown[0]}] (allowed: {', '.join(StudyFile.model_fields)})")
@@ -173,13 +172,12 @@ def load_study(path: str | Path, root: str | Path | None = None) -> Study:
     if not study.config.is_file():
         raise ConfigError(f"{file}: study.config = {spec.study.config!r} is invalid (no such file under {root})")
     study.jobs = expand(spec, file)
-    base = load_config(study.config, spec.study.set)  # a bad common override fails here, before anything runs
+    load_config(study.config, spec.study.set)  # a bad common override fails here, before anything runs
     for job in study.jobs:  # and a bad variant (or a combination that is invalid) names its run
         try:
             load_config(study.config, job.overrides)
         except ConfigError as e:
             raise ConfigError(f"{file}: run {job.key}: {e}") from None
-    del base
     return study
 
 
@@ -197,13 +195,20 @@ def expand(spec: StudyFile, file: Path | str = "study") -> list[Job]:
         if not re.match(_NAME, axis) or not variants:
             raise ConfigError(f"{file}: axes.{axis} = {variants!r} is invalid (allowed: a named table of variants, "
                               "each a list of KEY=VALUE overrides)")
-    fields = _fields(s.path)
-    unknown = [f for f in fields if f != "seed" and f not in spec.axes]
-    if unknown:
-        raise ConfigError(f"{file}: study.path = {s.path!r} is invalid (field {{{unknown[0]}}} is no axis; allowed: "
-                          f"{{seed}} and {', '.join('{' + a + '}' for a in spec.axes) or 'no axes yet'})")
     jobs: dict[str, Job] = {}
+    outputs = {e.output for e in spec.evaluation}
     for b, block in enumerate(spec.grid):
+        path = block.path or s.path
+        where = f"grid[{b}].path" if block.path else "study.path"
+        fields = _fields(path)
+        unknown = [f for f in fields if f != "seed" and f not in spec.axes]
+        if unknown:
+            raise ConfigError(f"{file}: {where} = {path!r} is invalid (field {{{unknown[0]}}} is no axis; allowed: "
+                              f"{{seed}} and {', '.join('{' + a + '}' for a in spec.axes) or 'no axes yet'})")
+        bad_outputs = sorted(set(block.evaluations or []) - outputs)
+        if bad_outputs:
+            raise ConfigError(f"{file}: grid[{b}].evaluations names {bad_outputs[0]!r} (allowed: the outputs of "
+                              f"[[evaluation]]: {', '.join(sorted(outputs))})")
         named = {k: v for k, v in (block.model_extra or {}).items()}
         for axis, values in named.items():
             if axis not in spec.axes:
@@ -218,10 +223,14 @@ def expand(spec: StudyFile, file: Path | str = "study") -> list[Job]:
                                   f"allowed: {', '.join(spec.axes[axis])})")
         missing = [a for a in fields if a != "seed" and a not in named]
         if missing:
-            raise ConfigError(f"{file}: grid[{b}] names no {missing[0]!r} (study.path {s.path!r} needs every axis in "
+            raise ConfigError(f"{file}: grid[{b}] names no {missing[0]!r} ({where} {path!r} needs every axis in "
                               f"it; allowed: {', '.join(spec.axes[missing[0]])})")
         if "seed" not in fields:
-            raise ConfigError(f"{file}: study.path = {s.path!r} is invalid (it needs {{seed}}: every seed is a run)")
+            raise ConfigError(f"{file}: {where} = {path!r} is invalid (it needs {{seed}}: every seed is a run)")
+        unnamed = [a for a in named if a not in fields]
+        if unnamed:
+            raise ConfigError(f"{file}: grid[{b}].{unnamed[0]} is not in {where} = {path!r} (allowed: axes that "
+                              "name the run's folder, so that two runs never share one)")
         seeds = block.seeds if block.seeds is not None else s.seeds
         if not seeds:
             raise ConfigError(f"{file}: grid[{b}].seeds = [] is invalid (allowed: a non-empty list of seeds >= 0)")
@@ -229,17 +238,18 @@ def expand(spec: StudyFile, file: Path | str = "study") -> list[Job]:
         for seed in seeds:
             for combo in itertools.product(*(named[a] for a in axes)):
                 variants = dict(zip(axes, combo))
-                key = s.path.format(seed=seed, **variants)
+                key = path.format(seed=seed, **variants)
                 if key in jobs:
                     continue
                 overrides = [*s.set]
                 for a in axes:
                     overrides += spec.axes[a][variants[a]]
-                jobs[key] = Job(key, seed, variants, overrides)
+                job = Job(key, seed, variants, [*overrides, *block.set])
+                job.evaluations = [e for e in spec.evaluation if _applies(e, job)
+                                   and (block.evaluations is None or e.output in block.evaluations)]
+                jobs[key] = job
     if not jobs:
         raise ConfigError(f"{file}: the grid is empty (allowed: blocks that name at least one variant per axis)")
-    for job in jobs.values():
-        job.evaluations = [e for e in spec.evaluation if _applies(e, job)]
     return list(jobs.values())
 
 

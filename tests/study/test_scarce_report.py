@@ -1,0 +1,52 @@
+"""The scarce-data summary's arithmetic against hand values: FID at equal compute (linear in log FLOPs), the best
+point by validation FID, and the verdicts of paired differences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from collafuse.study.scarce_report import _at_flops, _best, paired_difference, verdict
+from collafuse.study.seed_summary import interval
+
+
+def _pt(rounds, flops, fid, val=None):
+    return {"rounds": rounds, "flops": flops, "fid_test": fid, "fid_val": val}
+
+
+CURVE = [_pt(25, 1e12, 80.0, 85.0), _pt(50, 1e13, 60.0, 62.0), _pt(100, 1e14, 50.0, 70.0)]
+
+
+def test_fid_at_flops_is_linear_in_log_flops_and_none_outside():
+    assert _at_flops(CURVE, 1e12) == 80.0 and _at_flops(CURVE, 1e14) == 50.0
+    # halfway in log10 between 1e12 and 1e13: the mean of 80 and 60
+    assert _at_flops(CURVE, math.sqrt(1e12 * 1e13)) == pytest.approx(70.0)
+    assert _at_flops(CURVE, 1e11) is None and _at_flops(CURVE, 2e14) is None
+
+
+def test_the_best_point_is_chosen_on_validation_not_on_the_reference():
+    # the lowest held-out FID is round 100 (50), but validation picks round 50 (62 < 70 < 85)
+    assert _best(CURVE)["rounds"] == 50
+    assert _best([_pt(100, 1e14, 50.0)]) is None  # no validation images: no best point
+
+
+def test_paired_differences_three_ways():
+    collab = {"final": {"c": {"fid_test": 50.0}}, "curve": {"c": CURVE}}
+    alone = {"final": {"c": {"fid_test": 40.0}},
+             "curve": {"c": [_pt(25, 1e13, 90.0, 90.0), _pt(100, 4e14, 40.0, 41.0)]}}
+    assert paired_difference(collab, alone, "c", "final") == 10.0
+    # equal compute at the smaller budget, 1e14: collab 50; alone between 1e13 (90) and 4e14 (40) at
+    # log-fraction log(10) / log(40)
+    w = math.log(10) / math.log(40)
+    assert paired_difference(collab, alone, "c", "equal_compute") == pytest.approx(50.0 - (90 + w * (40 - 90)))
+    assert paired_difference(collab, alone, "c", "best") == 60.0 - 40.0
+    with pytest.raises(ValueError, match="allowed: final, equal_compute, best"):
+        paired_difference(collab, alone, "c", "median")
+
+
+def test_verdicts_from_the_interval_of_paired_differences():
+    assert verdict(interval([-5.0, -4.0, -6.0])) == "gain"
+    assert verdict(interval([5.0, 4.0, 6.0])) == "loss"
+    assert verdict(interval([-5.0, 4.0, 1.0])) == "not resolved"
+    assert verdict(interval([-5.0])) == "one seed" and verdict(interval([])) == "-"
