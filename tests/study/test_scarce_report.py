@@ -50,3 +50,27 @@ def test_verdicts_from_the_interval_of_paired_differences():
     assert verdict(interval([5.0, 4.0, 6.0])) == "loss"
     assert verdict(interval([-5.0, 4.0, 1.0])) == "not resolved"
     assert verdict(interval([-5.0])) == "one seed" and verdict(interval([])) == "-"
+
+
+def _summary(fid_by_config, verdicts):
+    iv = lambda m: {"n": 3, "mean": m, "half_width": 1.0, "low": m - 1, "high": m + 1}  # noqa: E731
+    configs = {cfg: {"client0": {"fid_test": iv(m), "copy_share": iv(0.1), "runs": [f"n/seed_0/{cfg}"]}}
+               for cfg, m in fid_by_config.items()}
+    versus = {a: {cfg: {"client0": {"final": {"mean": fid_by_config[cfg] - fid_by_config[a], "verdict": v}}}
+                  for cfg, v in per.items()} for a, per in verdicts.items()}
+    return {"n": {"configs": configs, "versus_alone": versus}}
+
+
+def test_the_users_answer():
+    from collafuse.study.scarce_report import recommend
+
+    join = _summary({"cut_0200": 20.0, "cut_1000": 40.0, "alone_large": 30.0},
+                    {"cut_1000": {"cut_0200": "gain"}, "alone_large": {"cut_0200": "gain"}})
+    a = recommend(join, "n", "client0")
+    assert a["advice"] == "join: cut_0200" and a["gain_vs_alone"] == {"cut_1000": -20.0, "alone_large": -10.0}
+    half = _summary({"cut_0200": 20.0, "cut_1000": 40.0, "alone_large": 21.0},
+                    {"cut_1000": {"cut_0200": "gain"}, "alone_large": {"cut_0200": "not resolved"}})
+    assert recommend(half, "n", "client0")["advice"] == "not resolved (best mean: cut_0200)"
+    alone = _summary({"cut_0200": 40.0, "cut_1000": 50.0, "alone_large": 30.0},
+                     {"alone_large": {"cut_0200": "loss"}, "cut_1000": {"cut_0200": "gain"}})
+    assert recommend(alone, "n", "client0")["advice"] == "stay alone: alone_large"

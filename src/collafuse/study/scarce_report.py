@@ -160,6 +160,33 @@ def summarise(runs: dict) -> dict:
     return summary
 
 
+def recommend(summary: dict, setting: str, client: str) -> dict:
+    """The user's answer for one data setting and client: the configuration with the lowest mean held-out FID at
+    the last checkpoint, and whether its paired difference against every "alone" setting is a resolved gain.
+    ``advice``: "join: CONFIG" (a resolved gain against both alone settings), "stay alone: CONFIG" (an alone setting
+    is best and no collaboration gains against it), or "not resolved (best mean: CONFIG)"."""
+    s = summary[setting]
+    means = {cfg: e[client]["fid_test"]["mean"] for cfg, e in s["configs"].items()
+             if client in e and e[client]["fid_test"]["mean"] is not None}
+    if not means:
+        return {"advice": "-", "config": None}
+    best = min(means, key=means.get)
+    alone = [a for a in ALONE if a in s["configs"]]
+    out = {"config": best, "fid": means[best], "copy_share": s["configs"][best][client]["copy_share"]["mean"],
+           "runs": s["configs"][best][client]["runs"]}
+    if best in ALONE:
+        gains = [s["versus_alone"].get(best, {}).get(cfg, {}).get(client, {}).get("final", {}).get("verdict")
+                 for cfg in s["configs"] if cfg not in ALONE]
+        out["advice"] = (f"stay alone: {best}" if gains and all(g in ("loss", "not resolved") for g in gains)
+                         and any(g == "loss" for g in gains) else f"not resolved (best mean: {best})")
+        return out
+    versus = {a: s["versus_alone"].get(a, {}).get(best, {}).get(client, {}) for a in alone}
+    out["gain_vs_alone"] = {a: v.get("final", {}).get("mean") for a, v in versus.items()}
+    resolved = alone and all(v.get("final", {}).get("verdict") == "gain" for v in versus.values())
+    out["advice"] = f"join: {best}" if resolved else f"not resolved (best mean: {best})"
+    return out
+
+
 def _cell(iv: dict, digits: int = 3) -> str:
     if not iv or iv.get("mean") is None:
         return "-"
@@ -233,13 +260,34 @@ def write_scarce_report(study) -> Path:
         {"study": study.name, "seeds": seeds, "sizes": {s: _size_of(next((j.overrides for j in study.jobs
                                                                           if s in j.variants.values()), []))
                                                           for s in runs},
-         "settings": summary}, indent=1, allow_nan=False))
+         "settings": summary,
+         "answers": {setting: {c: recommend(summary, setting, c) for c in sorted(
+             {c for e in summary[setting]["configs"].values() for c in e})} for setting in summary}},
+        indent=1, allow_nan=False))
     plots = _plots(study, runs, summary) if runs else []
     lines = [f"# Study {study.name}", "", f"    collafuse study {study.file.name} --report-only", "",
              f"{sum(len(seeds_) for s in runs.values() for seeds_ in s.values())} finished runs of "
              f"{len(study.jobs)} in the study file; seeds {seeds}. FID is against each client's held-out images "
              "(classifier features); mean ± 95% half-interval (Student t) over seeds.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    answers = {setting: {c: recommend(summary, setting, c) for c in sorted(
+        {c for e in summary[setting]["configs"].values() for c in e})} for setting in runs}
+    lines += ["## The user's answer", "",
+              "Per data setting and client: the configuration with the lowest mean held-out FID at the last "
+              "checkpoint; \"join\" only where its paired difference against both alone settings is a resolved gain "
+              "(95% interval wholly below 0).", "",
+              "| setting | client | advice | FID | gain vs alone, small / large model | copy share | runs |",
+              "|---|---|---|---|---|---|---|"]
+    for setting, per_client in answers.items():
+        for c, a in per_client.items():
+            if a["config"] is None:
+                continue
+            gains = a.get("gain_vs_alone", {})
+            gain = " / ".join("-" if gains.get(k) is None else f"{gains[k]:+.3g}" for k in ALONE)
+            links = ", ".join(f"[{k.split('/')[1] if k.count('/') >= 2 else k}]({k}/)" for k in a["runs"])
+            copy = "-" if a["copy_share"] is None else f"{a['copy_share']:.2f}"
+            lines.append(f"| {setting} | {c} | {a['advice']} | {a['fid']:.3g} | {gain} | {copy} | {links} |")
+    lines.append("")
     for setting, s in runs.items():
         summ = summary[setting]
         lines += [f"## {setting}", "", "| config | client | seeds | FID held-out | FID train | copy share | "
