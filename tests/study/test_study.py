@@ -152,3 +152,24 @@ def test_a_claim_of_a_dead_process_is_taken_over(sweep_toml, tmp_path):
     assert lock is not None and runner.claim(study, job) is None  # held by a live process (this one)
     lock.write_text("999999999 0\n")  # a pid that does not exist
     assert runner.claim(study, job) == lock
+
+
+def test_a_deadline_stops_a_background_study_at_a_checkpoint_and_it_resumes(sweep_toml, tmp_path):
+    """Started the way a background queue is (SIGINT ignored, as a shell does for `cmd &`), a study still stops at
+    its deadline with exit 130 and no claim left behind; the same command then finishes every run."""
+    import signal
+
+    file = write_study(tmp_path, sweep_toml, study={"set": ["train.rounds=40"]},
+                       grid=[{"size": ["n0010"], "config": ["cut_0006"], "seeds": [0]}],
+                       evaluation=[{"output": "evaluation.json", "set": ["eval.energy_steps=0"]}])
+    cmd = [sys.executable, "-m", "collafuse", "study", str(file), "--quiet", "--threads", "1"]
+    r = subprocess.run([*cmd, "--deadline", "12"], capture_output=True, text=True, timeout=600,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "stopped; the same command resumes" in r.stderr
+    ckpts = sorted((tmp_path / "work/n0010/seed_0/cut_0006/checkpoints").glob("round_*"))
+    assert ckpts and ckpts[-1].name < "round_000040"  # stopped mid-run, at a checkpoint
+    assert not list((tmp_path / "work/claims").glob("*.lock"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stderr and "1 run(s) finished now, 0 pending" in r.stdout

@@ -300,9 +300,18 @@ def run_one(study: Study, job: Job, threads: int = 0, device: str | None = None,
         lock.unlink(missing_ok=True)
 
 
+def _interruptible() -> None:
+    """Make SIGINT raise KeyboardInterrupt here even when this process was started in the background, where the
+    shell set SIGINT to be ignored (and Python then keeps ignoring it): the deadline and the parent of the lanes
+    stop a lane with SIGINT, so that the run in progress ends at its last checkpoint."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _deadline_timer(deadline: float | None) -> threading.Timer | None:
     """At ``deadline`` (epoch seconds) interrupt this process as Ctrl-C would: the run in progress keeps its last
     checkpoint."""
+    _interruptible()
     if deadline is None:
         return None
     timer = threading.Timer(max(0.0, deadline - time.time()), lambda: os.kill(os.getpid(), signal.SIGINT))
@@ -334,6 +343,7 @@ def pending(study: Study) -> list[Job]:
 
 def run_lanes(study: Study, lanes: int, argv: list[str], log=print) -> int:
     """``lanes`` lane processes (``collafuse study ... --lane``) over one queue; returns the worst exit code."""
+    _interruptible()
     procs = []
     for i in range(lanes):
         cmd = [sys.executable, "-m", "collafuse", *argv, "--lane"]

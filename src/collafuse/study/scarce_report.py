@@ -71,8 +71,12 @@ def load_runs(study) -> dict:
         clients = sorted(final_ev["fidelity"]["per_client"])
         setting = job.variants.get(setting_axis, "all") if setting_axis else "all"
         curve = {c: sorted((_point(e, c) for e in evs), key=lambda p: p["rounds"]) for c in clients}
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        seconds = metrics.get("train_seconds_total")
         out.setdefault(setting, {}).setdefault(job.variants.get("config", "run"), {})[job.seed] = {
-            "final": {c: _point(final_ev, c) for c in clients}, "curve": curve, "key": job.key}
+            "final": {c: _point(final_ev, c) for c in clients}, "curve": curve, "key": job.key,
+            # wall time per round as measured (it depends on the machine and on what shared it: see the README)
+            "seconds_per_round": None if not seconds or not metrics.get("rounds") else seconds / metrics["rounds"]}
     return out
 
 
@@ -131,7 +135,8 @@ def summarise(runs: dict) -> dict:
             s["configs"][config] = {
                 c: {m: interval([seeds[k]["final"][c][m] for k in seeds]) for m in
                     ("fid_test", "fid_train", "fid_val", "copy_share", "nn_ratio")} | {
-                    "seeds": sorted(seeds), "runs": [seeds[k]["key"] for k in sorted(seeds)]}
+                    "seeds": sorted(seeds), "runs": [seeds[k]["key"] for k in sorted(seeds)],
+                    "seconds_per_round": interval([seeds[k]["seconds_per_round"] for k in seeds])}
                 for c in clients}
         for alone in ALONE:
             if alone not in configs:
@@ -291,13 +296,13 @@ def write_scarce_report(study) -> Path:
     for setting, s in runs.items():
         summ = summary[setting]
         lines += [f"## {setting}", "", "| config | client | seeds | FID held-out | FID train | copy share | "
-                  "NN ratio | runs |", "|---|---|---|---|---|---|---|---|"]
+                  "NN ratio | s / round | runs |", "|---|---|---|---|---|---|---|---|---|"]
         for config, per_client in sorted(summ["configs"].items()):
             for c, e in per_client.items():
                 links = ", ".join(f"[{k.split('/')[-2] if '/' in k else k}]({k}/)" for k in e["runs"])
                 lines.append(f"| {config} | {c} | {len(e['seeds'])} | {_cell(e['fid_test'])} | "
                              f"{_cell(e['fid_train'])} | {_cell(e['copy_share'], 2)} | {_cell(e['nn_ratio'], 2)} | "
-                             f"{links} |")
+                             f"{_cell(e['seconds_per_round'])} | {links} |")
         for alone, versus in summ["versus_alone"].items():
             lines += ["", f"Paired FID(config) - FID({ALONE[alone]}), by seed; verdict from the 95% interval:", "",
                       "| config | client | final | equal compute | best point (validation) | copy-share gap |",
