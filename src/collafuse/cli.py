@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--results", metavar="DIR", help="results folder instead of the study file's")
     st.add_argument("--work", metavar="DIR", help="work folder (checkpoints, secrets) instead of the study file's")
     st.add_argument("--root", metavar="DIR", help="the folder the study's paths are relative to (default: .)")
+    st.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                    help="run only the runs whose key matches (shell pattern, repeatable), e.g. 'n0100/*/cut_1000'; "
+                         "the summary still covers every committed run")
     st.add_argument("--quiet", action="store_true", help="no progress bars")
     st.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)  # one lane process of --lanes N
 
@@ -234,13 +237,21 @@ def cmd_study(args) -> int:
     for name in ("results", "work"):
         if getattr(args, name):
             setattr(study.spec.study, name, str(Path(getattr(args, name)).resolve()))
+    if args.only:
+        import fnmatch
+
+        keep = [j for j in study.jobs if any(fnmatch.fnmatchcase(j.key, p) for p in args.only)]
+        if not keep:
+            raise ConfigError(f"--only {' '.join(args.only)} is invalid (it matches no run of {args.file}; allowed: "
+                              f"patterns over keys like {study.jobs[0].key})")
+        study.queue = keep
     if args.lanes < 1 or args.threads < 0:
         raise ConfigError(f"--lanes = {args.lanes}, --threads = {args.threads} is invalid (allowed: lanes >= 1, "
                           "threads >= 0)")
     if args.deadline is not None and args.deadline <= 0:
         raise ConfigError(f"--deadline = {args.deadline} is invalid (allowed: seconds > 0)")
     if args.list:
-        for job in study.jobs:
+        for job in study.queue:
             state = "done" if runner.done(study, job) else "pending"
             print(f"{state:8s} {job.key}  ({', '.join(ev.output for ev in job.evaluations)})")
         return 0
@@ -258,6 +269,8 @@ def cmd_study(args) -> int:
                                 ("--root", args.root)):
                 argv += [flag, str(Path(value).resolve()) if flag != "--device" else value] if value else []
             argv += ["--commit"] * args.commit + ["--quiet"] * args.quiet
+            for pattern in args.only:
+                argv += ["--only", pattern]
             if deadline is not None:
                 argv += ["--deadline", f"{deadline - time.time():.0f}"]
             return runner.run_lanes(study, args.lanes, argv)

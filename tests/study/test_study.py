@@ -173,3 +173,13 @@ def test_a_deadline_stops_a_background_study_at_a_checkpoint_and_it_resumes(swee
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stderr and "1 run(s) finished now, 0 pending" in r.stdout
+
+
+def test_only_runs_the_matching_part_of_the_queue(sweep_toml, tmp_path, capsys):
+    file = write_study(tmp_path, sweep_toml)
+    assert main(["study", str(file), "--list", "--only", "n0010/seed_1/*"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["n0010/seed_1/cut_0006",
+                                                                                 "n0010/seed_1/cut_0020"]
+    assert main(["study", str(file), "--list", "--only", "n0999/*"]) == 2
+    err = capsys.readouterr().err
+    assert "--only n0999/* is invalid (it matches no run" in err and err.count("\n") == 1

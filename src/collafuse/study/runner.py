@@ -327,7 +327,7 @@ def run_lane(study: Study, threads: int = 0, device: str | None = None, commit_r
     timer = _deadline_timer(deadline)
     finished = 0
     try:
-        for job in study.jobs:
+        for job in study.queue:
             if deadline is not None and time.time() >= deadline:
                 break
             finished += run_one(study, job, threads, device, commit_results, progress, log)
@@ -338,7 +338,7 @@ def run_lane(study: Study, threads: int = 0, device: str | None = None, commit_r
 
 
 def pending(study: Study) -> list[Job]:
-    return [j for j in study.jobs if not done(study, j)]
+    return [j for j in study.queue if not done(study, j)]
 
 
 def run_lanes(study: Study, lanes: int, argv: list[str], log=print) -> int:

@@ -120,7 +120,16 @@ class Study:
     root: Path  # the repository root every path is relative to
     file: Path
     spec: StudyFile
-    jobs: list[Job]
+    jobs: list[Job]  # every run of the grid (the summary reads them all)
+    only: list[Job] | None = None  # the runs to run now (``--only``); None: all of them
+
+    @property
+    def queue(self) -> list[Job]:
+        return self.jobs if self.only is None else self.only
+
+    @queue.setter
+    def queue(self, jobs: list[Job]) -> None:
+        self.only = jobs
 
     @property
     def name(self) -> str:
