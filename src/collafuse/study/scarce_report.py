@@ -228,8 +228,19 @@ def _plots(study, runs: dict, summary: dict) -> list[Path]:
                 if xs:
                     (line,) = ax.plot(xs, ys, marker="o", label=config)
                     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+                    # where joining pays (a resolved gain against the large model alone at equal compute) and
+                    # where the model copies (most samples nearer one training image than a third of the next)
+                    for setting, n in sizes.items():
+                        v = (summary[setting]["versus_alone"].get("alone_large", {}).get(config, {}).get(c, {})
+                             .get("equal_compute", {}).get("verdict"))
+                        e = summary[setting]["configs"].get(config, {}).get(c)
+                        if v == "gain" and e:
+                            ax.plot(n, e["fid_test"]["mean"], marker="*", ms=14, color=line.get_color(), ls="")
+                        if e and (e["copy_share"]["mean"] or 0) > 0.5:
+                            ax.plot(n, e["fid_test"]["mean"], marker="x", ms=11, color="k", ls="")
             ax.set(xscale="log", xlabel="training images per client (n)", ylabel="FID vs held-out (lower is better)",
-                   title=f"{c}: FID against n, 95% bands over seeds")
+                   title=f"{c}: FID against n, 95% bands over seeds\n* joining pays (vs large alone, equal "
+                         "compute); x copy share > 0.5")
             ax.legend(fontsize=7)
             fig.tight_layout()
             path = study.results / f"fid_vs_n_{c}.png"
