@@ -92,12 +92,19 @@ def idx_dataset(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """One feature-extractor cache for the session: the classifier is keyed by the sha256 of its data, and every
+    tiny IDX folder holds the same images, so it is trained once instead of once per test."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
 @pytest.fixture
-def sweep_toml(tmp_path, idx_dataset) -> Path:
+def sweep_toml(tmp_path, idx_dataset, feature_cache) -> Path:
     """The tiny config on the tiny IDX folder, with an evaluation that takes seconds, as a TOML file."""
     extra = {"data": {"root": str(idx_dataset)},
              "eval": {"n_samples": 8, "n_real": 16, "disclosure_n": 8, "distractors": 40, "averaging_ks": [1, 4],
-                      "cache_dir": str(tmp_path / "cache"), "energy_steps": 1}}
+                      "cache_dir": str(feature_cache), "energy_steps": 1}}
     path = tmp_path / "sweep.toml"
     path.write_text(tomli_w.dumps(merge(TINY, extra)))
     return path

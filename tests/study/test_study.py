@@ -65,6 +65,7 @@ def test_a_tiny_study_runs_resumes_and_skips_what_is_committed(sweep_toml, tmp_p
     assert {"config.toml", "metrics.json", "evaluation.json", "evaluation_r0001.json", "report.md",
             "samples_uint8_client0.safetensors", "samples_uint8_client1.safetensors"} <= names
     assert not any(n.endswith(".jsonl") for n in names)  # the message log stays in work/
+    assert "samples_client0.safetensors" not in names  # the run's float grids too: only the uint8 export is copied
     assert not (results / "n0010/seed_1/cut_0006/samples_uint8_client0.safetensors").exists()
     from safetensors.torch import load_file
 

@@ -169,8 +169,11 @@ def export_samples(run_dir: Path, ev, cfg: Config) -> list[Path]:
 
 
 def small_files(run_dir: Path) -> dict[str, bytes]:
+    """The run's files worth committing: the top level's configs, metrics, evaluations, reports and pictures, and of
+    its tensors only the exported uint8 samples (`export_samples`; the run's own float sample grids stay in work/)."""
     return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())
             if p.is_file() and p.suffix in SMALL_SUFFIXES and not p.name.endswith(".tmp")
+            and (p.suffix != ".safetensors" or p.name.startswith("samples_uint8_"))
             and p.stat().st_size <= MAX_SMALL_BYTES}
 
 
