@@ -281,7 +281,7 @@ def write_scarce_report(study) -> Path:
              {c for e in summary[setting]["configs"].values() for c in e})} for setting in summary}},
         indent=1, allow_nan=False))
     plots = _plots(study, runs, summary) if runs else []
-    lines = [f"# Study {study.name}", "", f"    collafuse study {study.file.name} --report-only", "",
+    lines = [f"# Study {study.name}", "", f"    collafuse study {study.file} --report-only", "",
              f"{sum(len(seeds_) for s in runs.values() for seeds_ in s.values())} finished runs of "
              f"{len(study.jobs)} in the study file; seeds {seeds}. FID is against each client's held-out images "
              "(classifier features); mean ± 95% half-interval (Student t) over seeds.", ""]
