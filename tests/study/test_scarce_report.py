@@ -74,3 +74,7 @@ def test_the_users_answer():
     alone = _summary({"cut_0200": 40.0, "cut_1000": 50.0, "alone_large": 30.0},
                      {"alone_large": {"cut_0200": "loss"}, "cut_1000": {"cut_0200": "gain"}})
     assert recommend(alone, "n", "client0")["advice"] == "stay alone: alone_large"
+    # against the small model alone only, a gain is no answer: the site's other alternative was not measured
+    one = _summary({"cut_0200": 20.0, "cut_1000": 40.0}, {"cut_1000": {"cut_0200": "gain"}})
+    assert recommend(one, "n", "client0")["advice"] == ("not resolved (best mean: cut_0200; alone (large model) "
+                                                        "not measured)")

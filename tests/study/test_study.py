@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -82,8 +83,18 @@ def test_a_tiny_study_runs_resumes_and_skips_what_is_committed(sweep_toml, tmp_p
     assert list(versus) == ["alone_large"] and sorted(versus["alone_large"]) == ["cut_0006", "cut_0020"]
     vs = versus["alone_large"]["cut_0006"]["client0"]["final"]
     assert vs["n"] == 1 and vs["verdict"] == "one seed" and len(vs["per_seed"]) == 1
+    # runs of another study joined to a setting of this one's summary (the committed full-data sweep, in the real
+    # study): here this study's own cut_0006 runs under the name "again"
+    spec = tomllib.loads(file.read_text())
+    spec["study"]["report_extra"] = {"again": {"cut_0006": str(results / "n0010/seed_{seed}/cut_0006")}}
+    file.write_text(tomli_w.dumps(spec))
+    assert main(["study", str(file), "--report-only"]) == 0
+    metrics = json.loads((results / "metrics.json").read_text())
+    joined = metrics["settings"]["again"]["configs"]["cut_0006"]["client0"]
+    assert joined["seeds"] == [0, 1] and joined["runs"] == ["n0010/seed_0/cut_0006", "n0010/seed_1/cut_0006"]
+    assert joined["fid_test"] == metrics["settings"]["n0010"]["configs"]["cut_0006"]["client0"]["fid_test"]
     report = (results / "report.md").read_text()
-    assert "## n0010" in report and "fid_vs_n_client0.png" in report and (results / "fid_vs_flops.png").is_file()
+    assert "## n0010" in report and "## again" in report and "fid_vs_n_client0.png" in report and (results / "fid_vs_flops.png").is_file()
     # everything committed is skipped: nothing trains or evaluates again, even from an empty work folder
     monkeypatch.setattr(runner, "train_and_evaluate", lambda *a, **k: pytest.fail("ran a finished run again"))
     assert main(["study", str(file), "--quiet"]) == 0

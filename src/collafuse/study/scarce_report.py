@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -60,21 +61,27 @@ def load_runs(study) -> dict:
     axes = [a for a in re.findall(r"{(\w+)}", study.spec.study.path) if a not in ("seed", "config")]
     setting_axis = axes[0] if axes else None
     out: dict = {}
-    for job in study.jobs:
-        run = study.results / job.key
+    entries = [(study.results / job.key, job.key, job.seed, job.variants.get(setting_axis, "all") if setting_axis
+                else "all", job.variants.get("config", "run")) for job in study.jobs]
+    for setting, configs in study.spec.study.report_extra.items():  # committed runs of other studies
+        for config, template in configs.items():
+            for seed in study.spec.study.seeds:
+                path = study.root / template.format(seed=seed)
+                entries.append((path, os.path.relpath(path, study.results), seed, setting, config))
+    for run, key, seed, setting, config in entries:
         files = sorted(run.glob("evaluation*.json")) if run.is_dir() else []
-        evs = [json.loads(p.read_text()) for p in files if "ddpm" not in p.name and "inception" not in p.name]
+        # the curve: the last checkpoint and the milestones, all with the study's sampler and extractor
+        evs = [json.loads(p.read_text()) for p in files if re.fullmatch(r"evaluation(_r\d+)?\.json", p.name)]
         final = run / "evaluation.json"
         if not final.is_file():
             continue
         final_ev = json.loads(final.read_text())
         clients = sorted(final_ev["fidelity"]["per_client"])
-        setting = job.variants.get(setting_axis, "all") if setting_axis else "all"
         curve = {c: sorted((_point(e, c) for e in evs), key=lambda p: p["rounds"]) for c in clients}
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         seconds = metrics.get("train_seconds_total")
-        out.setdefault(setting, {}).setdefault(job.variants.get("config", "run"), {})[job.seed] = {
-            "final": {c: _point(final_ev, c) for c in clients}, "curve": curve, "key": job.key,
+        out.setdefault(setting, {}).setdefault(config, {})[seed] = {
+            "final": {c: _point(final_ev, c) for c in clients}, "curve": curve, "key": key,
             # wall time per round as measured (it depends on the machine and on what shared it: see the README)
             "seconds_per_round": None if not seconds or not metrics.get("rounds") else seconds / metrics["rounds"]}
     return out
@@ -155,8 +162,9 @@ def summarise(runs: dict) -> dict:
                         diffs = [paired_difference(seeds[k], configs[alone][k], c, how) for k in common]
                         iv = interval([d for d in diffs if d is not None])
                         e[how] = iv | {"verdict": verdict(iv), "per_seed": diffs}
-                    gaps = [(seeds[k]["final"][c]["copy_share"] or 0) - (configs[alone][k]["final"][c]["copy_share"]
-                                                                         or 0) for k in common]
+                    pairs = [(seeds[k]["final"][c]["copy_share"], configs[alone][k]["final"][c]["copy_share"])
+                             for k in common]
+                    gaps = [a - b for a, b in pairs if a is not None and b is not None]  # runs made before the measure: none
                     iv = interval(gaps)
                     e["copy_share_gap"] = iv | {"verdict": {"gain": "copies less", "loss": "copies more"}.get(
                         verdict(iv), verdict(iv))}
@@ -187,9 +195,18 @@ def recommend(summary: dict, setting: str, client: str) -> dict:
         return out
     versus = {a: s["versus_alone"].get(a, {}).get(best, {}).get(client, {}) for a in alone}
     out["gain_vs_alone"] = {a: v.get("final", {}).get("mean") for a, v in versus.items()}
-    resolved = alone and all(v.get("final", {}).get("verdict") == "gain" for v in versus.values())
+    if len(alone) < len(ALONE):  # "join" is an answer only against both alternatives a site has
+        missing = ", ".join(ALONE[a] for a in ALONE if a not in alone)
+        out["advice"] = f"not resolved (best mean: {best}; {missing} not measured)"
+        return out
+    resolved = all(v.get("final", {}).get("verdict") == "gain" for v in versus.values())
     out["advice"] = f"join: {best}" if resolved else f"not resolved (best mean: {best})"
     return out
+
+
+def _label(key: str) -> str:
+    """A run's link text: its seed folder (``seed_0``), else its key."""
+    return next((part for part in key.split("/") if part.startswith("seed_")), key)
 
 
 def _cell(iv: dict, digits: int = 3) -> str:
@@ -300,17 +317,21 @@ def write_scarce_report(study) -> Path:
                 continue
             gains = a.get("gain_vs_alone", {})
             gain = " / ".join("-" if gains.get(k) is None else f"{gains[k]:+.3g}" for k in ALONE)
-            links = ", ".join(f"[{k.split('/')[1] if k.count('/') >= 2 else k}]({k}/)" for k in a["runs"])
+            links = ", ".join(f"[{_label(k)}]({k}/)" for k in a["runs"])
             copy = "-" if a["copy_share"] is None else f"{a['copy_share']:.2f}"
             lines.append(f"| {setting} | {c} | {a['advice']} | {a['fid']:.3g} | {gain} | {copy} | {links} |")
     lines.append("")
     for setting, s in runs.items():
         summ = summary[setting]
-        lines += [f"## {setting}", "", "| config | client | seeds | FID held-out | FID train | copy share | "
+        extra = ([f"Runs of another study (`report_extra`): {', '.join(sorted(study.spec.study.report_extra[setting]))}."
+                  " They predate the milestones and the memorisation measure (final point only), and runs of one"
+                  " seed made on different machines drew different client secrets: their differences are paired"
+                  " by seed number, not by draws.", ""] if setting in study.spec.study.report_extra else [])
+        lines += [f"## {setting}", "", *extra, "| config | client | seeds | FID held-out | FID train | copy share | "
                   "NN ratio | s / round | runs |", "|---|---|---|---|---|---|---|---|---|"]
         for config, per_client in sorted(summ["configs"].items()):
             for c, e in per_client.items():
-                links = ", ".join(f"[{k.split('/')[-2] if '/' in k else k}]({k}/)" for k in e["runs"])
+                links = ", ".join(f"[{_label(k)}]({k}/)" for k in e["runs"])
                 lines.append(f"| {config} | {c} | {len(e['seeds'])} | {_cell(e['fid_test'])} | "
                              f"{_cell(e['fid_train'])} | {_cell(e['copy_share'], 2)} | {_cell(e['nn_ratio'], 2)} | "
                              f"{_cell(e['seconds_per_round'])} | {links} |")

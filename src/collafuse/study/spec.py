@@ -78,6 +78,9 @@ class StudySection(_Strict):
     report_baselines: dict[str, str] = Field(default_factory=dict)  # label -> folder under results/
     report_command: str = ""  # written into the report as the command that made it
     report_set: list[str] = Field(default_factory=list)  # overrides of the report's base config only
+    # report = "scarce": runs of other studies joined to a setting, e.g. the committed full-data sweep:
+    # { full = { cut_0200 = "results/fashion-mnist-seeds/seed_{seed}/cut_0200" } } (paths from the root)
+    report_extra: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
 class GridBlock(_Strict):
