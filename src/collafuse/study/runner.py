@@ -36,6 +36,7 @@ from ..config import Config, ConfigError, load_config
 from ..split.checkpoint import write_text_atomic
 from ..split.seeding import read_secrets_file, write_secrets_file
 from .spec import Job, Study, seeded
+from .sweep import _trained  # a run is trained when its metrics.json has all its rounds
 
 # What a run's folder holds that is worth committing: everything at its top level with these endings (the
 # checkpoints, the sample cache and the message log stay in work/). Files above MAX_SMALL_BYTES are left out.
@@ -85,11 +86,6 @@ def check_results(study: Study, job: Job, cfg: Config) -> None:
 def done(study: Study, job: Job) -> bool:
     """Every evaluation of the run is in the results folder."""
     return all((study.results / job.key / ev.output).is_file() for ev in job.evaluations)
-
-
-def _trained(run_dir: Path, rounds: int) -> bool:
-    path = run_dir / "metrics.json"
-    return path.is_file() and json.loads(path.read_text()).get("rounds") == rounds
 
 
 def _evaluated(run_dir: Path, output: str, checkpoint: str) -> bool:
