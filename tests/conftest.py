@@ -51,6 +51,43 @@ def fixed_secrets(n: int = 3) -> dict[int, ClientSecret]:
     return {i: ClientSecret(bytes([i + 1]) * 32) for i in range(n)}
 
 
+def kill_9_then_resume(toml: Path, tmp_path: Path, rounds: int = 12, clients: int = 2) -> tuple[dict, dict]:
+    """``collafuse run`` killed with SIGKILL after round 3, then ``--resume``d, and the same run straight: the final
+    checkpoint's tensors of both, by node. Both get the same explicit client secrets (by default each run draws its
+    own, and two runs differ)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def final_state(out: Path) -> dict:
+        latest = (out / "checkpoints" / "LATEST").read_text().strip()
+        return {name: load_file(str(out / "checkpoints" / latest / f"{name}.safetensors"))
+                for name in ("server", *(f"client{i}" for i in range(clients)))}
+
+    secrets = write_secrets(tmp_path / "secrets.toml", clients)
+    cmd = [sys.executable, "-m", "collafuse", "run", str(toml), "--quiet", "--set", f"train.rounds={rounds}",
+           "--client-secrets", str(secrets)]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        latest = killed / "checkpoints" / "LATEST"
+        if latest.exists() and int(latest.read_text().strip()[6:]) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = int((killed / "checkpoints" / "LATEST").read_text().strip()[6:])
+    assert 3 <= done_before < rounds, "the run should have been killed mid-way"
+    assert subprocess.run([*cmd, "--out", str(killed), "--resume"], capture_output=True).returncode == 0
+    straight = tmp_path / "straight"
+    assert subprocess.run([*cmd, "--out", str(straight)], capture_output=True).returncode == 0
+    return final_state(killed), final_state(straight)
+
+
 def write_secrets(path: Path, n: int = 3) -> Path:
     """``fixed_secrets`` as the client-side TOML file that ``collafuse run --client-secrets`` reads."""
     path.write_text("".join(f'client{i} = "{s.hex()}"\n' for i, s in fixed_secrets(n).items()))

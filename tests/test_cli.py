@@ -13,7 +13,7 @@ import tomli_w
 import torch
 
 from collafuse.cli import main
-from conftest import TINY, merge, write_secrets
+from conftest import TINY, kill_9_then_resume, merge
 
 OUTPUTS = ["config.toml", "metrics.json", "message_log.jsonl", "report.md", "losses.png"] + [
     f"{kind}_client{i}.png" for kind in ("samples", "cut", "real") for i in range(2)]
@@ -102,38 +102,7 @@ def test_sample_rejects_bad_client_and_missing_run(tiny_toml, tmp_path, capsys):
 
 def test_kill_9_then_resume_equals_a_straight_run(tiny_toml, tmp_path):
     """A real SIGKILL mid-run: the resumed run ends with exactly the weights of an uninterrupted one."""
-    import os
-    import signal
-    import time
-
-    from safetensors.torch import load_file
-
-    def final_state(out: Path) -> dict:
-        latest = (out / "checkpoints" / "LATEST").read_text().strip()
-        return {name: load_file(str(out / "checkpoints" / latest / f"{name}.safetensors"))
-                for name in ("server", "client0", "client1")}
-
-    # Both runs get the same explicit client secrets: by default each draws its own and the runs differ.
-    secrets = write_secrets(tmp_path / "secrets.toml", 2)
-    cmd = [sys.executable, "-m", "collafuse", "run", str(tiny_toml), "--quiet", "--set", "train.rounds=12",
-           "--client-secrets", str(secrets)]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        latest = killed / "checkpoints" / "LATEST"
-        if latest.exists() and int(latest.read_text().strip()[6:]) >= 3:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = int((killed / "checkpoints" / "LATEST").read_text().strip()[6:])
-    assert 3 <= done_before < 12, "the run should have been killed mid-way"
-    assert subprocess.run([*cmd, "--out", str(killed), "--resume"], capture_output=True).returncode == 0
-
-    straight = tmp_path / "straight"
-    assert subprocess.run([*cmd, "--out", str(straight)], capture_output=True).returncode == 0
-    a, b = final_state(killed), final_state(straight)
+    a, b = kill_9_then_resume(tiny_toml, tmp_path)
     for node in a:
         assert a[node].keys() == b[node].keys()
         for k in a[node]:

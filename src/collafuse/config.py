@@ -179,6 +179,14 @@ class SplitConfig(_Section):
     upload_clip_norm: float | None = _allowed("a number > 0, or unset for no clipping", default=None, gt=0)
     # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
     max_upload_images: _Count = 100_000
+    # The cuts the server accepts from clients (heterogeneous federations, [[clients]]): an upload declares its
+    # client's cut, and one outside [min_cut, max_cut] is refused and its client dropped. min_cut is also the
+    # server model's reference cut: it predicts the relative noise of a view uploaded at min_cut, and a client at a
+    # later cut is trained and served through the exact rescaling of docs/protocol.md, "Heterogeneous cuts".
+    # Unset: min_cut is the smallest cut of the configured clients, max_cut is T - 1 (any cut where the server owns
+    # a step; T itself when every client is at T).
+    min_cut: int | None = _allowed("an integer step in [0, T], or unset", default=None, ge=0)
+    max_cut: int | None = _allowed("an integer step in [0, T], or unset", default=None, ge=0)
 
     @model_validator(mode="after")
     def _one_cut_and_no_upload_under_fedavg(self) -> SplitConfig:
@@ -243,6 +251,20 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
+class ClientSettings(_Section):
+    """One client's own values: an entry of the ``[[clients]]`` array, in client order. Unset keys take the shared
+    config's (``split.cut``, ``[client_model]``, ``train.batch_size``, ``train.client_steps``), so a federation whose
+    entries repeat the shared values is the homogeneous one, bit for bit. In a Flower deployment a site keeps the same
+    keys in its own local config (node config ``local-config``); the server learns the cut from the site's upload."""
+
+    cut: int | None = _allowed("an integer step in [0, T], or unset (split.cut)", default=None, ge=0)
+    # keys of [client_model] to change for this client only, e.g. {block_out_channels = [8, 16, 16]}
+    model: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int | None = _allowed("an integer >= 1, or unset (train.batch_size)", default=None, ge=1)
+    client_steps: int | None = _allowed("an integer in [0, 10**7], or unset (train.client_steps)", default=None,
+                                        ge=0, le=10**7)
+
+
 class SampleConfig(_Section):
     # ddpm runs every one of the T steps; ddim and dpmsolver (DPM-Solver++ 2M SDE, Lu et al. 2022) run about
     # ddim_steps steps on a grid anchored on the cut. The default, DPM-Solver++ at 25 steps, is the fewest network
@@ -257,6 +279,12 @@ class SampleConfig(_Section):
     # grid. Stochastic steps absorb the model's error (and the split's larger error just above the cut); measured:
     # deterministic DDIM-50 scored 1.7-1.85x DDPM-1000's FID, eta 1 1.0-1.3x (docs/benchmarks.md, "Sampler"). DDIM only.
     eta: float = _allowed("a number in [0, 1] (DDIM only)", default=1.0, ge=0, le=1)
+    # dpmsolver only: grid the server's segment as a chain of server_grid_factor * ddim_steps steps would be (the client
+    # keeps ddim_steps), so that more stochastic server steps absorb the server's error near the cut, which k_t
+    # amplifies. On the closed-form toy 1.5 brings the split to the full-chain model's distance at 20 steps
+    # (benchmarks/cut_sampler_toy.py, results/cut-sampler/); the default stays 1 until that is measured on images
+    # (docs/benchmarks.md, "The sampler near the cut").
+    server_grid_factor: float = _allowed("a number in [1, 10] (dpmsolver only)", default=1.0, ge=1, le=10)
     # classifier-free guidance; 1 = plain conditional model
     guidance_scale: float = _allowed("a number >= 0", default=1.0, ge=0)
     n_per_client: _Count = 36  # images per client grid
@@ -265,6 +293,11 @@ class SampleConfig(_Section):
     # Class ids any client may request hand-offs for. Every other label is private to the clients that uploaded it:
     # the server refuses a sampling request for a label that the requesting client never uploaded.
     shared_labels: list[int] = Field(default_factory=list)  # ids in [0, classes) (checked by Config)
+
+    @property
+    def server_grid_steps(self) -> int:
+        """The steps of the chain whose grid the server's segment follows; 0 when it is the client's (factor 1)."""
+        return 0 if self.server_grid_factor == 1 else round(self.server_grid_factor * self.ddim_steps)
 
 
 class EvalConfig(_Section):
@@ -322,6 +355,8 @@ class Config(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seeds: SeedConfig = Field(default_factory=SeedConfig)
+    # Heterogeneous federations: one table per client, in client order (empty: every client uses the shared values).
+    clients: list[ClientSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _rules_across_sections(self) -> Config:
@@ -329,8 +364,11 @@ class Config(_Section):
         T, n_classes, size = self.diffusion.timesteps, self.num_classes, self.image_shape[1]
         if self.split.cut is not None and not 0 <= self.split.cut <= T:
             raise _invalid("split.cut", self.split.cut, f"an integer step in [0, {T}] (diffusion.timesteps)")
-        for name in ("server_model", "client_model"):
-            m: ModelConfig = getattr(self, name)
+        models = [("server_model", self.server_model), ("client_model", self.client_model)]
+        if self.clients:
+            self._check_clients(T)
+            models += [(f"clients[{i}].model", self.client_model_of(i)) for i, c in enumerate(self.clients) if c.model]
+        for name, m in models:
             if any(c % m.norm_num_groups for c in m.block_out_channels):
                 raise _invalid(f"{name}.norm_num_groups", m.norm_num_groups,
                                f"a divisor of every entry of {name}.block_out_channels {m.block_out_channels}")
@@ -339,14 +377,113 @@ class Config(_Section):
                 raise _invalid(f"{name}.block_out_channels", m.block_out_channels, f"at most {_max_levels(size)} "
                                f"levels for {size}x{size} images (each level halves the size, which must stay even "
                                f"and >= 2)")
-        if self.client_model.condition_on_client:
-            raise _invalid("client_model.condition_on_client", True, "false (a client model serves one client)")
+            if m.condition_on_client and name != "server_model":
+                raise _invalid(f"{name}.condition_on_client", True, "false (a client model serves one client)")
+        lo, hi = self.cut_range
+        for key, value in (("split.min_cut", self.split.min_cut), ("split.max_cut", self.split.max_cut)):
+            if value is not None and not 0 <= value <= T:
+                raise _invalid(key, value, f"an integer step in [0, {T}] (diffusion.timesteps)")
+        if lo > hi:
+            raise _invalid("split.min_cut", lo, f"at most split.max_cut = {hi}")
+        if self.split.algorithm == "collafuse" and (self.clients or self.split.min_cut is not None
+                                                    or self.split.max_cut is not None):
+            for i in range(self.data.num_clients):
+                cut = self.client_cut(i)
+                if not lo <= cut <= hi:
+                    key = f"clients[{i}].cut" if self.clients and self.clients[i].cut is not None else "split.cut"
+                    raise ConfigError(f"{key} = {cut} of client {i} is outside the server's range (allowed: "
+                                      f"[{lo}, {hi}], split.min_cut..split.max_cut)")
+        if self.sample.server_grid_factor != 1 and self.sample.sampler != "dpmsolver":
+            raise _invalid("sample.server_grid_factor", self.sample.server_grid_factor,
+                           "1 unless sample.sampler = 'dpmsolver'")
+        if self.sample.server_grid_steps > T:
+            raise _invalid("sample.server_grid_factor", self.sample.server_grid_factor,
+                           f"at most {T / self.sample.ddim_steps:g} with sample.ddim_steps = {self.sample.ddim_steps} "
+                           f"(the server's grid may not be finer than every step, T = {T})")
         if not 1 <= self.sample.ddim_steps <= T:
             raise _invalid("sample.ddim_steps", self.sample.ddim_steps, f"an integer in [1, {T}]")
         if not all(0 <= c < n_classes for c in self.sample.shared_labels):
             raise _invalid("sample.shared_labels", self.sample.shared_labels,
                            f"a list of class ids in [0, {n_classes - 1}]")
         return self
+
+    def _check_clients(self, T: int) -> None:
+        n = self.data.num_clients
+        if len(self.clients) != n:
+            raise ConfigError(f"clients holds {len(self.clients)} [[clients]] tables (allowed: none, or exactly one "
+                              f"per client: {n}, data.num_clients)")
+        for i, c in enumerate(self.clients):
+            if c.cut is not None and c.cut > T:
+                raise _invalid(f"clients[{i}].cut", c.cut, f"an integer step in [0, {T}] (diffusion.timesteps)")
+            if self.split.algorithm == "fedavg" and (c.cut is not None or c.model):
+                key = f"clients[{i}].cut" if c.cut is not None else f"clients[{i}].model"
+                raise _invalid(key, c.cut if c.cut is not None else c.model,
+                               "unset with split.algorithm = 'fedavg' (every client trains the whole chain with the "
+                               "global model)")
+            if c.model:
+                try:
+                    ModelConfig.model_validate({**self.client_model.model_dump(), **c.model})
+                except ValidationError as e:
+                    err = min(e.errors(), key=lambda x: _RANK.get(x["type"], 2))
+                    key = err["loc"][0]
+                    if err["type"] == "extra_forbidden":
+                        raise ConfigError(f"unknown key 'clients[{i}].model.{key}' (allowed keys: "
+                                          f"{', '.join(ModelConfig.model_fields)})") from None
+                    field = ModelConfig.model_fields[key]
+                    if err["type"] in _RANK:
+                        raise ConfigError(f"clients[{i}].model.{key} = {c.model.get(key)!r} is invalid (expected "
+                                          f"{_type_name(field.annotation)})") from None
+                    allowed = (field.json_schema_extra or {}).get("allowed") or err["msg"]
+                    raise ConfigError(f"clients[{i}].model.{key} = {c.model.get(key)!r} is invalid "
+                                      f"(allowed: {allowed})") from None
+
+    # -- per-client values ([[clients]]) -------------------------------------------------------------------------------
+    def client_cut(self, client: int) -> int:
+        """Client ``client``'s cut: its own ``clients[i].cut``, else the shared `cut`."""
+        own = self.clients[client].cut if self.clients and self.split.algorithm == "collafuse" else None
+        return self.cut if own is None else own
+
+    def client_model_of(self, client: int) -> ModelConfig:
+        """Client ``client``'s model: ``[client_model]`` with its own ``clients[i].model`` keys."""
+        own = self.clients[client].model if self.clients else {}
+        return self.client_model.model_copy(update=own) if own else self.client_model
+
+    @property
+    def cut_range(self) -> tuple[int, int]:
+        """(split.min_cut, split.max_cut) with their defaults: the cuts the server accepts; the first is the server
+        model's reference cut."""
+        cuts = [self.client_cut(i) for i in range(self.data.num_clients)] if self.clients else [self.cut]
+        T = self.diffusion.timesteps
+        lo = self.split.min_cut if self.split.min_cut is not None else min(cuts)
+        hi = self.split.max_cut if self.split.max_cut is not None else (T - 1 if min(cuts) < T else T)
+        return lo, hi
+
+    @property
+    def reference_cut(self) -> int:
+        """The cut the server model's output is relative to (split.min_cut; docs/protocol.md, Heterogeneous cuts)."""
+        return self.cut if self.split.algorithm == "fedavg" else self.cut_range[0]
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether some client's values differ from the shared ones."""
+        return any(self._differs(i) for i in range(len(self.clients)))
+
+    def _differs(self, client: int) -> bool:
+        view = self.for_client(client)
+        return (view.cut, view.client_model, view.train.batch_size, view.train.client_steps) != \
+            (self.cut, self.client_model, self.train.batch_size, self.train.client_steps)
+
+    def for_client(self, client: int) -> Config:
+        """The config client ``client`` runs with: the shared one with its own values in place (no [[clients]]).
+        The config itself when there is no [[clients]] table."""
+        if not self.clients:
+            return self
+        own = self.clients[client]
+        split = self.split.model_copy(update={"cut": self.client_cut(client), "cut_ratio": None})
+        train = self.train.model_copy(update={k: getattr(own, k) for k in ("batch_size", "client_steps")
+                                              if getattr(own, k) is not None})
+        return self.model_copy(update={"split": split, "train": train, "client_model": self.client_model_of(client),
+                                       "clients": []})
 
     @property
     def cut(self) -> int:
@@ -390,17 +527,31 @@ class Config(_Section):
         ident["seeds"].pop("sample")  # sampling noise may change between sampling runs of one trained model
         for key in ("batch_size", "cond_drop_prob"):
             ident[f"train.{key}"] = getattr(self.train, key)
+        for key in ("min_cut", "max_cut"):  # only when set, so runs from before the option keep their hash
+            if getattr(self.split, key) is not None:
+                ident["split"][key] = getattr(self.split, key)
+        if self.clients and any(self._differs(i) for i in range(len(self.clients))):
+            # resolved, so [[clients]] tables that repeat the shared values are today's run (same hash, same bits)
+            ident["clients"] = [{"cut": v.cut, "client_model": v.client_model.model_dump(),
+                                 "batch_size": v.train.batch_size, "client_steps": v.train.client_steps}
+                                for v in map(self.for_client, range(len(self.clients)))]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         out = {name: {k: v for k, v in getattr(self, name).model_dump().items() if v is not None}
-               for name in type(self).model_fields}
+               for name in type(self).model_fields if name != "clients"}
         # resolved: a ratio is written as the step it resolved to
         out["split"] = {"algorithm": self.split.algorithm, "cut": self.cut,
                         "fresh_upload_noise": self.split.fresh_upload_noise,
                         "max_upload_images": self.split.max_upload_images}
         if self.split.upload_clip_norm is not None:
             out["split"]["upload_clip_norm"] = self.split.upload_clip_norm
+        for key in ("min_cut", "max_cut"):
+            if getattr(self.split, key) is not None:
+                out["split"][key] = getattr(self.split, key)
+        out["clients"] = [{k: v for k, v in c.model_dump().items() if v not in (None, {})} for c in self.clients]
+        if not out["clients"]:
+            del out["clients"]
         return out
 
     def to_toml(self) -> str:
@@ -464,6 +615,8 @@ def _one_line(error: ValidationError, data: dict) -> ConfigError:
     loc, kind, ctx = err["loc"], err["type"], err.get("ctx", {})
     if isinstance(ctx.get("error"), ConfigError):  # a model validator's own message
         return ctx["error"]
+    if loc and loc[0] == "clients":
+        return _client_error(err, data)
     if kind == "extra_forbidden" and len(loc) == 1:
         return ConfigError(f"unknown section [{loc[0]}] (allowed: {', '.join(Config.model_fields)})")
     if kind == "model_type" and len(loc) == 1:
@@ -484,6 +637,32 @@ def _one_line(error: ValidationError, data: dict) -> ConfigError:
     return ConfigError(f"{section}.{key} = {value!r} is invalid (allowed: {allowed})")
 
 
+def _client_error(err: dict, data: dict) -> ConfigError:
+    """A pydantic error inside the ``[[clients]]`` array as one line naming ``clients[i].key``."""
+    loc, kind = err["loc"], err["type"]
+    if len(loc) == 1:
+        return ConfigError(f"clients = {show_value(data.get('clients'))} is invalid (expected an array of tables, "
+                           f"[[clients]], one per client)")
+    if len(loc) == 2:
+        return ConfigError(f"clients[{loc[1]}] is invalid (expected a table of keys: "
+                           f"{', '.join(ClientSettings.model_fields)})")
+    i, key = loc[1], loc[2]
+    if kind == "extra_forbidden":
+        return ConfigError(f"unknown key 'clients[{i}].{key}' (allowed keys in [[clients]]: "
+                           f"{', '.join(ClientSettings.model_fields)})")
+    value = data["clients"][i].get(key)
+    field = ClientSettings.model_fields[key]
+    if kind in _RANK:
+        return ConfigError(f"clients[{i}].{key} = {value!r} is invalid (expected {_type_name(field.annotation)})")
+    allowed = (field.json_schema_extra or {}).get("allowed", err["msg"])
+    return ConfigError(f"clients[{i}].{key} = {value!r} is invalid (allowed: {allowed})")
+
+
+def show_value(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def config_from_dict(data: dict) -> Config:
     try:
         return Config.model_validate(data)
@@ -492,10 +671,19 @@ def config_from_dict(data: dict) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
-    """``"train.rounds=5"`` -> ``("train", "rounds", 5)``. Values are TOML; bare words are taken as strings."""
+    """``"train.rounds=5"`` -> ``("train", "rounds", 5)``. Values are TOML; bare words are taken as strings.
+    ``clients=[...]`` (an array of inline tables) replaces the whole ``[[clients]]`` array:
+    ``("clients", "", [...])``."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is invalid (expected section.key=value, e.g. train.rounds=5)")
     dotted, raw = text.split("=", 1)
+    if dotted.strip() == "clients":  # the [[clients]] array as a whole, e.g. clients=[{cut = 50}, {}, {cut = 500}]
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"override clients = {raw.strip()[:60]!r} is invalid (expected a TOML array of inline "
+                              f"tables, e.g. clients=[{{cut = 50}}, {{}}, {{cut = 500}}]: {e})") from None
+        return "clients", "", value
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override key {dotted!r} is invalid (expected section.key, e.g. train.rounds)")
@@ -522,6 +710,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict = {} if path is None else read_toml(path)
     for text in overrides:
         section, key, value = parse_override(text)
+        if section == "clients":
+            data["clients"] = value
+            continue
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"[{section}] = {data[section]!r} is invalid (expected a table of keys)")

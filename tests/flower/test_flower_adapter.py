@@ -110,9 +110,10 @@ def _server_weights(out_dir):
 # -- codec -----------------------------------------------------------------------------------------------------------
 def test_codec_round_trip_is_bit_exact():
     msg = Message("upload", "client1", SERVER, {"x_cut": torch.randn(5, 1, 28, 28), "y": torch.arange(5)},
-                  {"round": 3})
+                  {"round": 3, "cut": 200})
     back = decode(encode(msg))
-    assert (back.kind, back.sender, back.receiver, back.meta) == ("upload", "client1", SERVER, {"round": 3})
+    assert (back.kind, back.sender, back.receiver, back.meta) == ("upload", "client1", SERVER,
+                                                                  {"round": 3, "cut": 200})
     assert all(torch.equal(back.arrays[k], msg.arrays[k]) and back.arrays[k].dtype == msg.arrays[k].dtype
                for k in msg.arrays)
 
@@ -501,3 +502,49 @@ def test_a_failed_clientapps_traceback_is_kept_as_one_plain_bounded_line():
     assert "\n" not in line and "\x1b" not in line and len(line) == 300
     assert line.startswith("(ClientAppActor pid=7) RuntimeError: boom") and line.endswith("...")
     assert _short_error("") == ""
+
+
+# -- heterogeneous federations: each site's own values in its local config ---------------------------------------------
+def _site_config(setup, index: int, text: str) -> None:
+    path = setup.tmp / f"site{index}.toml"
+    path.write_text(text)
+    setup.nodes[1000 + index]["local-config"] = str(path)
+
+
+def test_a_site_keeps_its_own_cut_and_model_and_the_server_learns_the_cut_from_the_upload(setup):
+    _site_config(setup, 1, 'cut = 10\nclient_steps = 1\n[model]\nblock_out_channels = [4, 8]\n')
+    rc = {**setup.run_config, "set": "train.rounds=2"}
+    m = run_server(FakeGrid(rc, setup.nodes), rc)
+    assert m["rounds_done"] == 2 and not m["events"]
+    from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint
+
+    nodes, _ = load_checkpoint(latest_checkpoint(setup.tmp / "server" / "checkpoints"))
+    assert nodes[SERVER][1]["client_cuts"] == {"0": 6, "1": 10}
+    site = ClientNode(setup.cfg, setup.nodes[1001], rc["out"])
+    assert site.role.cut == 10 and site.role.learner.steps == 2 * 1
+    assert site.role.cfg.client_model.block_out_channels == [4, 8]
+    assert m["samples_finished"] == {"client0": 3, "client1": 3}
+
+
+def test_a_site_outside_the_servers_range_is_dropped_and_the_rest_goes_on(setup):
+    _site_config(setup, 1, "cut = 3\n")  # the server accepts [6, 19] (split.cut = 6 is its reference)
+    rc = {**setup.run_config, "set": "train.rounds=2", "samples": 0}
+    m = run_server(FakeGrid(rc, setup.nodes), rc)
+    assert m["rounds_done"] == 2
+    assert any("client1 dropped from the federation" in e for e in m["events"])
+    assert any("declares cut 3 (allowed: [6, 19]" in e for e in m["events"])
+    assert all(x is not None for x in m["history"]["losses"]["client0"])
+    assert m["history"]["losses"]["client1"] == [None, None]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("cut = 30\n", r"site1.toml: clients\[1\]\.cut = 30 is invalid \(allowed: an integer step in \[0, 20\]"),
+    ("speed = 3\n", r"unknown key 'clients\[1\]\.speed'"),
+    ("[model]\nblock_out_channels = [8, 8, 8, 8, 8]\n", r"clients\[1\]\.model\.block_out_channels"),
+])
+def test_a_bad_local_config_is_one_line(setup, text, match):
+    from collafuse.config import ConfigError
+
+    _site_config(setup, 1, text)
+    with pytest.raises(ConfigError, match=match):
+        ClientNode(setup.cfg, setup.nodes[1001], str(setup.tmp / "server"))

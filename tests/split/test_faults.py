@@ -34,7 +34,8 @@ def fed():
 def _upload(fed, x=None, y=None, sender="client0"):
     u, yy = fed.clients[0].upload()
     return Message("upload", sender, SERVER, {"x_cut": u.clone() if x is None else x,
-                                               "y": yy.clone() if y is None else y}, {"round": 9})
+                                               "y": yy.clone() if y is None else y},
+                   {"round": 9, "cut": fed.clients[0].cut})
 
 
 def _bad_messages(fed):

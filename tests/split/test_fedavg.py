@@ -142,7 +142,7 @@ def test_weights_may_cross_only_under_fedavg_and_nothing_else_may():
     with pytest.raises(ProtocolError, match="kind 'model_push' is not allowed under collafuse"):
         check_message(push)
     upload = Message("upload", "client0", SERVER, {"x_cut": torch.zeros(1, 1, 28, 28), "y": torch.zeros(1).long()},
-                     {"round": 1})
+                     {"round": 1, "cut": 6})
     check_message(upload)
     with pytest.raises(ProtocolError, match="kind 'upload' is not allowed under fedavg"):
         check_message(upload, "fedavg")
@@ -166,7 +166,7 @@ def test_a_collafuse_client_refuses_weights_and_a_fedavg_server_refuses_an_uploa
     assert reply.kind == "error" and "not allowed under collafuse" in reply.meta["reason"]
     fed = _fed()
     upload = Message("upload", "client0", SERVER, {"x_cut": torch.zeros(1, 1, 28, 28), "y": torch.zeros(1).long()},
-                     {"round": 1})
+                     {"round": 1, "cut": 6})
     reply = handle_checked(fed.server, upload)
     assert reply.kind == "error" and "not allowed under fedavg" in reply.meta["reason"]
     assert fed.server.updates == {}

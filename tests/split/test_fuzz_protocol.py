@@ -84,7 +84,7 @@ ROUND, STEPS, N, IMAGES = _int_in(1, 10**9), _int_in(0, 10**7), _int_in(1, 10**6
 X_CUT, Y, WEIGHTS = (torch.float32, 4), (torch.int64, 1), (torch.float32, 1)
 TABLE = {  # kind: (direction, arrays, {meta key: (required, allowed)})
     "upload_request": ("s2c", {}, {"round": (True, ROUND)}),
-    "upload": ("c2s", {"x_cut": X_CUT, "y": Y}, {"round": (True, ROUND)}),
+    "upload": ("c2s", {"x_cut": X_CUT, "y": Y}, {"round": (True, ROUND), "cut": (True, _int_in(0, 10**9))}),
     "train_request": ("s2c", {}, {"round": (True, ROUND), "steps": (True, STEPS)}),
     "train_reply": ("c2s", {}, {"round": (True, ROUND), "steps": (True, STEPS), "loss": (False, _loss)}),
     "sample_request": ("c2s", {"y": Y}, {}),

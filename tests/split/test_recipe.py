@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from test_reference_values import cosine_alpha_bar
 
 from collafuse.config import ConfigError, DiffusionConfig
 from collafuse.split.diffusion import DiffusionSchedule
 from collafuse.split.runner import Federation
 from conftest import fixed_secrets, synthetic_clients, tiny_config
-from test_reference_values import cosine_alpha_bar
 
 T, CUT = 20, 6
 

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_study import write_study
 
 from collafuse.study import runner
 from collafuse.study.spec import load_study
-from test_study import write_study
 
 RAY = Path(sys.executable).with_name("ray")
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-import tomli_w
 import torch
 
 from collafuse.cli import main
@@ -16,7 +14,7 @@ from collafuse.config import ConfigError, load_config
 from collafuse.evaluation.compute import build_node_model
 from collafuse.study.sweep import parse_cuts
 from collafuse.study.sweep_report import hypotheses
-from conftest import TINY, merge
+from conftest import TINY
 
 T = TINY["diffusion"]["timesteps"]
 
@@ -149,7 +147,8 @@ def test_evaluation_samples_are_keyed_on_everything_that_changes_them(sweep_toml
 
     real_grid = DiffusionSchedule.sampler
     with monkeypatch.context() as m:
-        m.setattr(DiffusionSchedule, "sampler", lambda self, kind, cut, steps=50: real_grid(self, kind, cut, steps + 1))
+        m.setattr(DiffusionSchedule, "sampler",
+                  lambda self, kind, cut, steps=50, *rest: real_grid(self, kind, cut, steps + 1, *rest))
         samples()
     assert len(calls) == 7
     # Training on changes the weights: the same settings sample again.

@@ -214,7 +214,8 @@ def sampling_steps(cfg: Config) -> tuple[list[int], list[int]]:
         cfg (`Config`): sampler kind, DDIM steps, cut and T are taken from it.
     """
     _, server_steps, client_steps = DiffusionSchedule(cfg.diffusion).split_sampler(cfg.sample.sampler, cfg.cut,
-                                                                                   cfg.sample.ddim_steps)
+                                                                                   cfg.sample.ddim_steps,
+                                                                                   cfg.sample.server_grid_steps)
     return server_steps, client_steps
 
 

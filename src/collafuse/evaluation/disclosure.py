@@ -344,9 +344,9 @@ def server_eps_fn(server: Server, client: int = 0, use_ema: bool = True, guidanc
     """
     if not server.trains:
         raise ValueError(f"the server owns no step at cut = {server.cut} = T, so it has no model to denoise with")
-    s = server.cut
-    lowest = s + 1  # the server's lowest protocol step
-    k = float(server.schedule.server_eps_scale(lowest, s))
+    s = server.cut_of(client)  # the client's own cut (a heterogeneous federation's server learnt it from the upload)
+    lowest = s + 1  # the server's lowest protocol step for this client
+    k = float(server.schedule.server_eps_scale(lowest, server.cut))  # the model's output is relative to the reference
     model = server.learner.sampling_model(use_ema)
     enc = server.labels
 

@@ -37,8 +37,8 @@ from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
 from .disclosure import disclosure_report
 from .features import get_extractor
-from .memorisation import memorisation
 from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
+from .memorisation import memorisation
 
 
 def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dict:
@@ -48,9 +48,11 @@ def sample_cache_key(fed: Federation, run_dir: Path, client: int, n: int) -> dic
     itself, so samples drawn before a change of how the grid is built are never scored as the new grid's."""
     ckpt = getattr(fed, "restored_from", None) or latest_checkpoint(run_dir / "checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
-    sample = {k: v for k, v in fed.cfg.sample.model_dump().items() if k != "n_per_client"}
+    # server_grid_factor only when set: samples cached before the option keep their key
+    sample = {k: v for k, v in fed.cfg.sample.model_dump().items()
+              if k != "n_per_client" and not (k == "server_grid_factor" and v == 1)}
     return {"client": client, "n": n, "checkpoint": ckpt.name, "node_files": state["files"], "sample": sample,
-            "sample_seed": fed.cfg.seeds.sample, "timesteps": sampling_grid(fed.cfg)["timesteps"]}
+            "sample_seed": fed.cfg.seeds.sample, "timesteps": sampling_grid(fed.clients[client].cfg)["timesteps"]}
 
 
 def sampling_grid(cfg: Config) -> dict:
@@ -130,7 +132,7 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
             # requested: the labels the samples were drawn for, so a right histogram of wrong labels shows
             "label_mix": compare_label_mix(fake, classifier, c.data.train_y, cfg.num_classes,
                                            requested=samples[c.index]["y"]
-                                           if client_model_config(cfg).condition_on_class else None),
+                                           if client_model_config(c.cfg).condition_on_class else None),
         }
         all_fake.append(fake_f)
         all_real.append(test_f if test_f is not None else train_f)
@@ -152,13 +154,13 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
                            "every round (gradient and weight inversion are out of scope, not shown to be safe)"}
     if not server.trains:
         return {"skipped": f"cut = T = {cfg.diffusion.timesteps}: nothing crosses, the server learns nothing"}
-    abar = float(server.schedule.alpha_bar[cfg.cut])
     # With fresh noise per round the server has received one view per round: the averaging attack at K = rounds is
     # then what it could actually do, not a what-if.
     views = fed.history.rounds_done if cfg.split.fresh_upload_noise else 1
     ks = tuple(sorted({*cfg.eval.averaging_ks, views}))
     out = {"views_per_image": views, "fresh_upload_noise": cfg.split.fresh_upload_noise}
     for c in fed.clients:
+        abar = float(server.schedule.alpha_bar[c.cut])  # each client at its own cut (c.cfg: its [[clients]] view)
         n = min(cfg.eval.disclosure_n, len(c.data.train_x))
         uploads, labels = c.upload()
         # Distractors: every other image the project holds (other clients' train sets, all test sets).
@@ -177,6 +179,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
         # The formal guarantee of the same upload: per image, delta = 1 / (this client's training images).
         out[c.node_id]["formal"] = upload_privacy(abar, int(c.data.train_x[0].numel()), len(c.data.train_x), views,
                                                   cfg.split.upload_clip_norm)
+        out[c.node_id]["cut"] = c.cut
     return out
 
 
@@ -189,6 +192,7 @@ def compute_section(fed: Federation, run_dir: Path) -> dict:
                                    node_flops)["training"]
     section = {
         "flops": run_accounting(cfg, node_flops),
+        "per_client": per_client_accounting(fed, node_flops),
         # what was spent up to the evaluated checkpoint (a point of the training curve; issue 28): equal-compute
         # comparisons interpolate FID over these, not over the configured budget
         "training_to_checkpoint": {"rounds": done, "server_flops": at_checkpoint["server"]["flops"],
@@ -212,6 +216,30 @@ def compute_section(fed: Federation, run_dir: Path) -> dict:
             energy[node] = est
         section["energy"] = energy
     return section
+
+
+def per_client_accounting(fed: Federation, shared_flops: dict) -> dict:
+    """Each client's compute at its own cut, model, batch size and steps ([[clients]]): training FLOPs per round and
+    over the run, and sampling FLOPs per image on its side and on the server's (the server's steps stop at the
+    client's cut). Clients with the shared values reuse the shared measurement."""
+    cfg, out = fed.cfg, {}
+    for c in fed.clients:
+        view = c.cfg
+        flops = shared_flops if view is cfg else measure_node_flops(view)
+        acc = run_accounting(view, flops)
+        steps_per_round = view.train.client_steps if c.trains else 0
+        out[c.node_id] = {
+            "cut": c.cut,
+            "client_params": acc["per_step"]["client"].get("params"),
+            "batch_size": view.train.batch_size,
+            "client_steps_per_round": steps_per_round,
+            "train_flops_per_round": steps_per_round * acc["per_step"]["client"]["train_step"],
+            "train_flops_per_image_per_round": steps_per_round * acc["per_step"]["client"]["train_step"]
+            / max(len(c.data.train_x), 1),
+            "train_flops": acc["training"]["client"]["flops"],
+            "sampling_per_image": acc["sampling_per_image"],
+        }
+    return out
 
 
 def classifier_arrays(cfg: Config) -> dict | None:
@@ -275,6 +303,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), pro
         "checkpoint": fed.restored_from.name,
         "n_samples_per_client": cfg.eval.n_samples,
         "sampler_grid": sampling_grid(cfg),
+        # each client at its own cut ([[clients]]): its cut and its grid, which the server walks down to that cut
+        "clients": {c.node_id: {"cut": c.cut, "sampler_grid": sampling_grid(c.cfg)} for c in fed.clients},
         "extractor": {"name": cfg.eval.extractor, **getattr(extractor, "info", {})},
         "fidelity": fidelity_section(fed, samples, extractor, classifier),
     }

@@ -72,6 +72,10 @@ def write_metrics(fed: Federation, out: Path, sample_seconds: dict[str, float]) 
         "rounds": h["rounds_done"],
         "params": {"server": count_params(fed.server.learner.model),
                    "client": count_params(fed.clients[0].learner.model)},
+        # each client at its own values ([[clients]]; every client alike otherwise)
+        "clients": {c.node_id: {"cut": c.cut, "params": count_params(c.learner.model),
+                                "batch_size": c.cfg.train.batch_size, "client_steps": c.cfg.train.client_steps}
+                    for c in fed.clients},
         "losses": h["losses"],
         "final_loss": final,
         "train_seconds": h["seconds"],
@@ -102,6 +106,10 @@ def write_report(fed: Federation, out: Path, metrics: dict, command: str) -> Pat
         f"- training: {metrics['rounds']} rounds x (K = {cfg.train.client_steps} client steps, "
         f"S = {cfg.train.server_steps} server steps), batch {cfg.train.batch_size}; "
         f"wall time {metrics['train_seconds_total']:.1f} s on `{cfg.run.device}`",
+        *(["- heterogeneous federation: " + "; ".join(
+            f"{node} cut {v['cut']}, {v['params']:,} parameters, batch {v['batch_size']}, K = {v['client_steps']}"
+            for node, v in metrics["clients"].items()) + f" (the server's reference cut: {fed.server.cut})"]
+          if cfg.heterogeneous else []),
         f"- sampling: {cfg.sample.sampler}"
         + (f" ({cfg.sample.ddim_steps} steps, grid anchored on the cut)" if cfg.sample.sampler != "ddpm" else "")
         + f", guidance scale {cfg.sample.guidance_scale}, EMA weights: {cfg.sample.use_ema}",

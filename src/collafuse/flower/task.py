@@ -17,6 +17,10 @@ Node config (``flower-supernode --node-config``; in simulation Flower sets ``par
 - ``state-dir``: where this client's model, optimizer, EMA, RNG, round counter and secret are kept between
   messages (default ``<out>/nodes/client<i>``: in simulation every node shares the machine; in deployment each
   SuperNode has its own);
+- ``local-config`` (optional): a TOML file of this site's own values, the keys of one ``[[clients]]`` table
+  (``cut``, ``[model]``, ``batch_size``, ``client_steps``; collafuse.config.ClientSettings). They replace the run
+  config's values for this client only; the server learns the cut from the site's upload and refuses one outside
+  its ``[split.min_cut, split.max_cut]``;
 - ``secret-file`` (optional): a client-side file holding this client's secret as hex (``collafuse secrets``
   writes one), for reproducible experiments. Without it the node makes its secret from OS entropy the first time
   it is needed and keeps it in ``<state-dir>/client.secret`` (mode 0600). Never pass a secret in the run config:
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, config_from_dict, load_config, read_toml
 from ..data.images import save_grid
 from ..data.partition import load_client_datasets, load_client_source
 from ..split.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
@@ -55,6 +59,22 @@ def config_from_run_config(run_config) -> Config:
         raise ConfigError("run config key 'config' is missing (allowed: the path of a CollaFuse TOML file)")
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
     return load_config(Path(str(run_config["config"])), overrides)
+
+
+def with_local_settings(cfg: Config, index: int, path: str | Path) -> Config:
+    """``cfg`` with client ``index``'s values replaced by a site's local config (the keys of one ``[[clients]]``
+    table), validated like the run config; errors name the file."""
+    local = read_toml(path, what="node config local-config", example="site.toml")
+    data = cfg.to_dict()
+    clients = data.get("clients") or [{} for _ in range(cfg.data.num_clients)]
+    clients[index] = {**clients[index], **local}
+    data["clients"] = clients
+    if "cut" in local:  # the server checks the site's cut against its own range when it uploads; here only 0..T
+        data["split"].update(min_cut=0, max_cut=cfg.diffusion.timesteps)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _node_int(node_config, key: str) -> int | None:
@@ -82,6 +102,8 @@ class ClientNode:
         if index is None or not 0 <= index < cfg.data.num_clients:
             raise ConfigError(f"node config client-id = {index!r} is invalid "
                               f"(allowed: an integer in [0, {cfg.data.num_clients - 1}])")
+        if node_config.get("local-config"):
+            cfg = with_local_settings(cfg, index, str(node_config["local-config"]))
         self.cfg = cfg
         self.state_dir = Path(str(node_config.get("state-dir") or Path(out) / "nodes" / f"client{index}"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -97,10 +119,15 @@ class ClientNode:
         self.saves = 0
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is not None:
-            nodes, state = load_checkpoint(ckpt, cfg.identity_hash())
+            nodes, state = load_checkpoint(ckpt, self.identity)
             self.role.load_state(*nodes[self.role.node_id])
             self.saves = int(state["round"])
         self.log = MessageLog(self.state_dir / "message_log.jsonl")
+
+    @property
+    def identity(self) -> str:
+        """The identity of this node's own run: the shared config with its own values in place."""
+        return self.role.cfg.identity_hash()
 
     @property
     def ckpt_dir(self) -> Path:
@@ -110,7 +137,7 @@ class ClientNode:
         """Atomically write the role's state as the next save number (never overwriting the current one)."""
         self.saves += 1
         save_checkpoint(self.ckpt_dir, self.saves, {self.role.node_id: self.role.state()},
-                        {"config_hash": self.cfg.identity_hash(), "rounds_done": self.role.rounds_done})
+                        {"config_hash": self.identity, "rounds_done": self.role.rounds_done})
 
     def _keep_samples(self) -> None:
         out = self.state_dir / "samples"

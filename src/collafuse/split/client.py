@@ -40,6 +40,9 @@ class Client:
                  secret: ClientSecret | None = None):
         self.index = index
         self.node_id = client_node(index)
+        # Its own steps per round, when [[clients]] (or a site's local config) sets them, whatever a request asks.
+        self.own_steps = cfg.clients[index].client_steps if cfg.clients else None
+        cfg = cfg.for_client(index)  # its own cut, model, batch size and steps ([[clients]]); the shared values else
         self.cfg = cfg
         self.cut = cfg.cut
         self.data = data
@@ -120,8 +123,13 @@ class Client:
             return math.nan
         return sum(self.train_step() for _ in range(steps)) / steps
 
+    def steps_for(self, requested: int) -> int:
+        """The steps this client takes in a round: its own ``client_steps`` where it set them, else the request's."""
+        return requested if self.own_steps is None else self.own_steps
+
     def train_round(self, round_: int, steps: int) -> float:
         """Train for round ``round_`` once: a request for a round already done returns its loss again."""
+        steps = self.steps_for(steps)
         if round_ > self.rounds_done:
             self.last_loss = self.train(steps)
             self.rounds_done = round_
@@ -155,7 +163,7 @@ class Client:
         if steps == 0:
             return Message("train_reply", self.node_id, SERVER, meta={"round": round_, "steps": 0})
         loss = self.train_round(round_, steps)
-        meta = {"round": round_, "steps": steps, "examples": len(self.data.train_y)}
+        meta = {"round": round_, "steps": self.steps_for(steps), "examples": len(self.data.train_y)}
         if not math.isnan(loss):
             meta["loss"] = loss
         return Message("model_update", self.node_id, SERVER, {"weights": fedavg.flatten(self.learner.model)}, meta)
@@ -165,10 +173,11 @@ class Client:
         sampling request ever leave; the final samples stay here."""
         if msg.kind == "upload_request":
             u, y = self.upload(int(msg.meta["round"]))
-            return Message("upload", self.node_id, SERVER, {"x_cut": u, "y": y}, {"round": msg.meta["round"]})
+            return Message("upload", self.node_id, SERVER, {"x_cut": u, "y": y},
+                           {"round": msg.meta["round"], "cut": self.cut})
         if msg.kind == "train_request":
             loss = self.train_round(int(msg.meta["round"]), int(msg.meta["steps"]))
-            meta = {"round": msg.meta["round"], "steps": int(msg.meta["steps"])}
+            meta = {"round": msg.meta["round"], "steps": self.steps_for(int(msg.meta["steps"]))}
             if not math.isnan(loss):
                 meta["loss"] = loss
             return Message("train_reply", self.node_id, SERVER, meta=meta)
@@ -212,7 +221,7 @@ class Client:
     def finish(self, x_cut: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Client steps t = cut..1 from the hand-off x_cut to x0."""
         sp = self.cfg.sample
-        sched, _, steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps)
+        sched, _, steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps, sp.server_grid_steps)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), self._label_client)
 
@@ -233,8 +242,9 @@ class Client:
         Returns ``{"x0", "x_cut", "y"}`` on the CPU.
         """
         y_all = self.sample_labels(n)
-        server_steps = self.schedule.split_sampler(self.cfg.sample.sampler, self.cut,
-                                                   self.cfg.sample.ddim_steps).server_steps
+        sp = self.cfg.sample
+        server_steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps,
+                                                   sp.server_grid_steps).server_steps
         gen = generator or self.learner.sample_rng
         out = {"x0": [], "x_cut": [], "y": []}
         for y in y_all.split(self.cfg.sample.batch_size):

@@ -69,11 +69,12 @@ class DiffusionSchedule:
         ab = self._ab(t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
-    def relative_ratio(self, t: torch.Tensor, cut: int, like: torch.Tensor) -> torch.Tensor:
-        """r_t = abar_t / abar_s for server steps t > s."""
-        return self._ab(t, like) / self.alpha_bar[cut].to(like.device)
+    def relative_ratio(self, t: torch.Tensor, cut: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """r_t = abar_t / abar_s for server steps t > s (``cut``: one s, or one per image of a mixed batch)."""
+        return self._ab(t, like) / self._ab(cut, like)
 
-    def server_noise(self, u: torch.Tensor, eps_rel: torch.Tensor, t: torch.Tensor, cut: int) -> torch.Tensor:
+    def server_noise(self, u: torch.Tensor, eps_rel: torch.Tensor, t: torch.Tensor,
+                     cut: int | torch.Tensor) -> torch.Tensor:
         """Server training: x_t = sqrt(r_t) u + sqrt(1 - r_t) eps' from the upload u ~ q(x_s | x0).
 
         Gaussian transitions compose, so x_t has exactly the marginal q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t).
@@ -81,10 +82,11 @@ class DiffusionSchedule:
         r = self.relative_ratio(t, cut, u)
         return r.sqrt() * u + (1 - r).sqrt() * eps_rel
 
-    def server_eps_scale(self, t: torch.Tensor | int, cut: int) -> torch.Tensor:
-        """k_t = sqrt(1 - abar_t) / sqrt(1 - r_t): E[eps | x_t] = k_t E[eps' | x_t] (split-protocol.md, Training)."""
+    def server_eps_scale(self, t: torch.Tensor | int, cut: int | torch.Tensor) -> torch.Tensor:
+        """k_t = sqrt(1 - abar_t) / sqrt(1 - r_t): E[eps | x_t] = k_t E[eps' | x_t] (split-protocol.md, Training).
+        ``cut`` is one s, or one per entry of ``t``; k_t = 1 at s = 0, where eps' is eps."""
         ab_t = self.alpha_bar[torch.as_tensor(t)]
-        r = ab_t / self.alpha_bar[cut]
+        r = ab_t / self.alpha_bar[torch.as_tensor(cut)]
         return (1 - ab_t).sqrt() / (1 - r).sqrt()
 
     def loss_weights(self, steps: range, min_snr_gamma: float = 0.0, cut: int | None = None) -> torch.Tensor | None:
@@ -114,7 +116,8 @@ class DiffusionSchedule:
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
 
-    def sampler(self, kind: Literal["ddpm", "ddim", "dpmsolver"], cut: int, ddim_steps: int = 50):
+    def sampler(self, kind: Literal["ddpm", "ddim", "dpmsolver"], cut: int, ddim_steps: int = 50,
+                server_grid_steps: int = 0):
         """A diffusers scheduler whose timestep sequence contains the hand-off to x_cut.
 
         DDPM runs all T steps. DDIM uses a uniform stride r = T // ddim_steps anchored on the cut: the sequence is
@@ -131,6 +134,10 @@ class DiffusionSchedule:
         T - 1 is put in front: the server takes one step, from x_T to x_cut, and the client keeps the ``ddim_steps``
         grid of the independent client model (a shrunk stride would give the client several times ICM's steps).
         ``clip_sample`` becomes thresholding at 1, the same clamp of the predicted x0 to [-1, 1].
+        ``server_grid_steps`` > 0 (``dpmsolver`` only) grids the server's segment as a chain of that many steps
+        would be, anchored on the same cut, while the client keeps the ``ddim_steps`` grid: the server's error is
+        multiplied by k_t near the cut, and more stochastic steps absorb it (docs/benchmarks.md, "The sampler near
+        the cut"). Every extra network evaluation is the server's.
         """
         if kind == "ddpm":
             sched = DDPMScheduler(**self.scheduler_kwargs)
@@ -141,10 +148,7 @@ class DiffusionSchedule:
         n = ddim_steps
         while kind == "ddim" and cut < self.T and self.T // n > self.T - cut:
             n += 1  # the server's segment must hold at least one stride, or it would get no step at all
-        stride = self.T // n
-        grid = torch.arange(to_index(cut) % stride, self.T, stride).flip(0)  # anchored on the index of step cut
-        if cut < self.T and to_step(int(grid[0])) <= cut:  # dpmsolver only: no grid point on the server's side
-            grid = torch.cat([torch.tensor([to_index(self.T)]), grid])
+        grid = self._anchored_grid(n, cut)
         if kind == "ddim":
             sched = DDIMScheduler(**self.scheduler_kwargs, set_alpha_to_one=True)
             sched.set_timesteps(n)  # sets num_inference_steps, hence the stride T // n used by step()
@@ -154,14 +158,27 @@ class DiffusionSchedule:
         sched = DPMSolverMultistepScheduler(**kw, algorithm_type="sde-dpmsolver++", solver_order=2,
                                             final_sigmas_type="zero", thresholding=self.cfg.clip_sample,
                                             sample_max_value=1.0)
+        if server_grid_steps and server_grid_steps != n:
+            server, _ = split_timesteps(self._anchored_grid(server_grid_steps, cut), cut)
+            grid = torch.tensor(server + split_timesteps(grid, cut)[1])
         sched.set_timesteps(timesteps=grid.tolist())
         return sched
 
-    def split_sampler(self, kind: Literal["ddpm", "ddim", "dpmsolver"], cut: int, ddim_steps: int = 50) -> SplitSampler:
+    def _anchored_grid(self, n: int, cut: int) -> torch.Tensor:
+        """Every index congruent to cut-1 mod T // n, descending; index T - 1 in front when the server's segment
+        would hold no point (module docstring of `sampler`)."""
+        stride = self.T // n
+        grid = torch.arange(to_index(cut) % stride, self.T, stride).flip(0)  # anchored on the index of step cut
+        if cut < self.T and to_step(int(grid[0])) <= cut:  # dpmsolver only: no grid point on the server's side
+            grid = torch.cat([torch.tensor([to_index(self.T)]), grid])
+        return grid
+
+    def split_sampler(self, kind: Literal["ddpm", "ddim", "dpmsolver"], cut: int, ddim_steps: int = 50,
+                      server_grid_steps: int = 0) -> SplitSampler:
         """A fresh `sampler` for ``cut`` with its timesteps split between the nodes (`split_timesteps`): what
         ``Server.sample_to_cut`` and ``Client.finish`` walk, and what the compute accounting counts. Fresh on every
         call: a multistep scheduler keeps the history of the steps it took."""
-        sched = self.sampler(kind, cut, ddim_steps)
+        sched = self.sampler(kind, cut, ddim_steps, server_grid_steps)
         return SplitSampler(sched, *split_timesteps(sched.timesteps, cut))
 
 

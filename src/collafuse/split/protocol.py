@@ -6,7 +6,7 @@ against it, so x0, epsilon, client weights or gradients cannot leave a node by a
 | kind            | direction        | arrays                              | meta (``?``: optional) |
 |-----------------|------------------|-------------------------------------|------------------------|
 | upload_request  | server -> client | -                                   | round                  |
-| upload          | client -> server | x_cut float32 [B,C,H,W], y int64 [B]| round                  |
+| upload          | client -> server | x_cut float32 [B,C,H,W], y int64 [B]| round, cut             |
 | train_request   | server -> client | -                                   | round, steps           |
 | train_reply     | client -> server | -                                   | round, steps, loss?    |
 | sample_request  | client -> server | y int64 [n]                         | -                      |
@@ -37,6 +37,8 @@ Meta values are typed and bounded (``bool`` is never a number, and no other key 
 | n      | int                       | [1, 10**6]                                                          |
 | reason | str                       | at most 1024 bytes of UTF-8                                         |
 | examples | int                     | [1, 10**9] (a client's training images: FedAvg's weight)           |
+| cut    | int                       | [0, 10**9]: t_zeta of the uploading client (its view's noise step);  |
+|        |                           | its server accepts [split.min_cut, split.max_cut], one cut a client  |
 
 Arrays are float32 / int64 on the wire in little-endian byte order (the Flower codec checks the bytes, not only
 the declared dtype). Node ids are ``server``, ``client<N>`` (N decimal, no leading zeros, at most 9 digits) and,
@@ -166,6 +168,7 @@ STEPS = MetaRule(int, 0, 10**7)
 LOSS = MetaRule(float, 0.0, required=False)  # a client that owns no step (cut = 0) or took none omits it
 COUNT = MetaRule(int, 1, 10**6)
 EXAMPLES = MetaRule(int, 1, 10**9)
+CUT = MetaRule(int, 0, 10**9)  # the receiving server checks it against its own range (Server.check_cut)
 REASON = MetaRule(str, max_bytes=MAX_REASON_BYTES)
 
 
@@ -195,7 +198,7 @@ class MessageSpec:
 
 SPECS: dict[str, MessageSpec] = {
     "upload_request": MessageSpec("s2c", {}, {"round": ROUND}),
-    "upload": MessageSpec("c2s", {"x_cut": (torch.float32, 4), "y": (torch.int64, 1)}, {"round": ROUND}),
+    "upload": MessageSpec("c2s", {"x_cut": (torch.float32, 4), "y": (torch.int64, 1)}, {"round": ROUND, "cut": CUT}),
     "train_request": MessageSpec("s2c", {}, {"round": ROUND, "steps": STEPS}),
     "train_reply": MessageSpec("c2s", {}, {"round": ROUND, "steps": STEPS, "loss": LOSS}),
     "sample_request": MessageSpec("c2s", {"y": (torch.int64, 1)}),

@@ -77,9 +77,11 @@ class Orchestrator:
         self.server = server
         self.transport = transport
         self.client_ids = list(client_ids)
+        self.all_client_ids = list(client_ids)  # dropped ones included: their losses stay None from then on
         self.local_roles = list(local_roles)
         self.history = History()
         self.events: list[str] = []  # dropped or refused clients, one line each (also logged)
+        self.dropped: list[str] = []  # clients left out for good after a refused upload
 
     def _note(self, line: str) -> None:
         logger.warning(line)
@@ -89,9 +91,11 @@ class Orchestrator:
         """Send a client the ``error`` that says why its message was refused (once; its answer does not matter)."""
         self.transport.exchange([Message("error", SERVER, node, meta={"reason": bounded_reason(reason)})])
 
-    def _to_server(self, deliveries: list[Delivery], context: str) -> dict[str, tuple[Message, Message | None]]:
+    def _to_server(self, deliveries: list[Delivery], context: str,
+                   refused: list[str] | None = None) -> dict[str, tuple[Message, Message | None]]:
         """Hand every usable reply to the server (checked; a refusal is logged and told to the client, never
-        raised). Returns, by client, the accepted reply and the server's answer to it."""
+        raised). Returns, by client, the accepted reply and the server's answer to it; the clients whose reply the
+        server refused are appended to ``refused``."""
         accepted = {}
         for d in deliveries:
             node = d.request.receiver
@@ -104,9 +108,17 @@ class Orchestrator:
             if answer is not None and answer.kind == "error":
                 self._note(f"{context}: {node} skipped (refused {d.reply.kind}: {answer.meta['reason']})")
                 self._tell(node, answer.meta["reason"])
+                if refused is not None:
+                    refused.append(node)
                 continue
             accepted[node] = (d.reply, answer)
         return accepted
+
+    def drop(self, node: str, context: str) -> None:
+        """Leave client ``node`` out of every later request of this run (logged); the federation goes on."""
+        self.client_ids.remove(node)
+        self.dropped.append(node)
+        self._note(f"{context}: {node} dropped from the federation (its upload was refused)")
 
     def _timed(self, deliveries: list[Delivery]) -> list[Delivery]:
         for d in deliveries:
@@ -114,11 +126,17 @@ class Orchestrator:
             self.history.seconds[node] = self.history.seconds.get(node, 0.0) + d.seconds
         return deliveries
 
+    def client_steps(self, node: str) -> int:
+        """The steps per round asked of a client: its [[clients]] value where the config sets one (a site's local
+        config may set its own, which the client then takes instead)."""
+        i = client_index(node)
+        return self.cfg.for_client(i).train.client_steps if i < len(self.cfg.clients) else self.cfg.train.client_steps
+
     # -- one round ----------------------------------------------------------------------------------------------------
     def _record_client_losses(self, replies: dict[str, tuple[Message, Message | None]]) -> dict[str, float]:
         """Each client's mean loss of this round from its accepted reply (NaN, kept as None, where it sat out)."""
         losses = {}
-        for c in self.client_ids:
+        for c in self.all_client_ids:
             loss = replies[c][0].meta.get("loss", math.nan) if c in replies else math.nan
             self.history.losses.setdefault(c, []).append(None if math.isnan(loss) else loss)
             losses[c] = loss
@@ -133,12 +151,17 @@ class Orchestrator:
         need_upload = [c for c in self.client_ids
                        if server.trains and (client_index(c) not in server.uploads or cfg.split.fresh_upload_noise)]
         if need_upload:
+            refused: list[str] = []
             self._to_server(self._timed(self.transport.exchange(
                 [Message("upload_request", SERVER, c, meta={"round": round_}) for c in need_upload])),
-                f"round {round_}")
-        meta = {"round": round_, "steps": cfg.train.client_steps}
+                f"round {round_}", refused)
+            for c in refused:  # a refused upload (a cut outside the server's range, a changed cut, a wrong shape)
+                self.drop(c, f"round {round_}")  # does not become right by asking again: the client leaves
+        if not self.client_ids:
+            raise RuntimeError(f"round {round_}: every client was dropped ({'; '.join(self.events[-3:])})")
         replies = self._to_server(self._timed(self.transport.exchange(
-            [Message("train_request", SERVER, c, meta=dict(meta)) for c in self.client_ids])), f"round {round_}")
+            [Message("train_request", SERVER, c, meta={"round": round_, "steps": self.client_steps(c)})
+             for c in self.client_ids])), f"round {round_}")
         losses = self._record_client_losses(replies)
         t0 = time.perf_counter()
         losses[SERVER] = server.train(cfg.train.server_steps)
@@ -150,10 +173,9 @@ class Orchestrator:
         """FedAvg: push the global weights, K local steps per client, average the replies weighted by data size.
         A client that drops out or whose update is refused is left out of this round's average."""
         weights = self.server.global_weights()
-        meta = {"round": round_, "steps": self.cfg.train.client_steps}
         replies = self._to_server(self._timed(self.transport.exchange(
-            [Message("model_push", SERVER, c, {"weights": weights}, dict(meta)) for c in self.client_ids])),
-            f"round {round_}")
+            [Message("model_push", SERVER, c, {"weights": weights}, {"round": round_, "steps": self.client_steps(c)})
+             for c in self.client_ids])), f"round {round_}")
         losses = self._record_client_losses(replies)
         t0 = time.perf_counter()
         if self.server.aggregate() == 0:

@@ -33,7 +33,11 @@ class Server:
 
     def __init__(self, cfg: Config, device: str | None = None):
         self.cfg = cfg
-        self.cut = cfg.cut
+        # The reference cut s_ref (split.min_cut): the model predicts the relative noise of a view uploaded at s_ref.
+        # Every client of a homogeneous federation is at it; a client at a later cut is rescaled to it
+        # (docs/protocol.md, Heterogeneous cuts). The cuts it accepts: [min_cut, max_cut].
+        self.cut = cfg.reference_cut
+        self.cut_range = cfg.cut_range
         self.T = cfg.diffusion.timesteps
         self.device = torch.device(device or cfg.run.device)
         self.schedule = DiffusionSchedule(cfg.diffusion)
@@ -42,12 +46,13 @@ class Server:
         self.learner = Learner(model, cfg.train, make_generator(cfg.seeds.noise, SERVER),
                                make_generator(cfg.seeds.sample, SERVER), str(self.device),
                                total_steps=cfg.train.rounds * cfg.train.server_steps)
-        tr = cfg.train
-        self._loss_w = self.schedule.loss_weights(range(self.cut + 1, self.T + 1), tr.min_snr_gamma,
-                                                  self.cut if tr.server_abs_eps_weight else None) \
-            if self.cut < self.T else None
+        self._loss_w_by_cut: dict[int, torch.Tensor | None] = {}
+        self._loss_w = self.loss_weights(self.cut) if self.cut < self.T else None
         self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)
-        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Each client's cut, as its first upload declared it: later uploads must keep it, and its hand-offs stop there.
+        # Kept in the checkpoint, so a client cannot change its cut across a server restart either.
+        self.client_cuts: dict[int, int] = {}
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # The labels each client uploaded: the only labels it may request hand-offs for (plus sample.shared_labels).
         # Kept in the checkpoint, so the rule survives a restart before the uploads are re-sent. None: a checkpoint
         # from before the rule, where the server cannot know them and does not enforce it.
@@ -64,8 +69,37 @@ class Server:
         """Whether the server owns any step (cut < T)."""
         return self.cut < self.T
 
+    def loss_weights(self, cut: int) -> torch.Tensor | None:
+        """The per-step weights of a view uploaded at ``cut``: those of a homogeneous server at that cut, normalised
+        over its own steps cut+1..T (DiffusionSchedule.loss_weights); None when unweighted."""
+        if cut not in self._loss_w_by_cut:
+            tr = self.cfg.train
+            self._loss_w_by_cut[cut] = self.schedule.loss_weights(range(cut + 1, self.T + 1), tr.min_snr_gamma,
+                                                                  cut if tr.server_abs_eps_weight else None)
+        return self._loss_w_by_cut[cut]
+
+    def cut_of(self, client: int) -> int:
+        """The cut client ``client`` declared with its upload (before any upload: the one its config gives)."""
+        return self.client_cuts.get(client, self.cfg.client_cut(client) if client < self.cfg.data.num_clients
+                                    else self.cut)
+
+    def check_cut(self, client: int, cut: int) -> None:
+        """Refuse an upload's cut outside [min_cut, max_cut], or one that differs from the client's earlier uploads."""
+        lo, hi = self.cut_range
+        if not lo <= cut <= hi or cut >= self.T:
+            raise ProtocolError(f"upload from client{client} declares cut {cut} (allowed: [{lo}, {min(hi, self.T - 1)}]"
+                                f", split.min_cut..split.max_cut)")
+        if client in self.client_cuts and self.client_cuts[client] != cut:
+            raise ProtocolError(f"upload from client{client} declares cut {cut}, but its earlier uploads were at cut "
+                                f"{self.client_cuts[client]} (allowed: {self.client_cuts[client]}; a cut cannot change "
+                                f"during a run)")
+
     # -- training -----------------------------------------------------------------------------------------------------
-    def receive_upload(self, client: int, x_cut: torch.Tensor, y: torch.Tensor) -> None:
+    def receive_upload(self, client: int, x_cut: torch.Tensor, y: torch.Tensor, cut: int | None = None) -> None:
+        """Keep client ``client``'s upload, a view at ``cut`` (default: the reference cut)."""
+        cut = self.cut if cut is None else cut
+        self.check_cut(client, cut)
+        self.client_cuts[client] = cut
         if client in self.uploads:
             old_u, old_y = self.uploads[client]
             if old_u.shape == x_cut.shape and torch.equal(old_u.cpu(), x_cut) and torch.equal(old_y.cpu(), y):
@@ -86,32 +120,68 @@ class Server:
             raise ProtocolError(f"sample_request from client{client} asks for labels {sorted(asked - allowed)} that "
                                 f"it never uploaded (allowed: {sorted(allowed)}; share more with sample.shared_labels)")
 
-    def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All uploads, mixed: (x_cut, y, client index), in client order so the pool is the same after a restart."""
+    def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All uploads, mixed: (x_cut, y, client index, cut), in client order so the pool is the same after a
+        restart."""
         if self._pool is None:
             keys = sorted(self.uploads)
+            sizes = [len(self.uploads[k][1]) for k in keys]
             self._pool = (
                 torch.cat([self.uploads[k][0] for k in keys]),
                 torch.cat([self.uploads[k][1] for k in keys]),
-                torch.cat([torch.full((len(self.uploads[k][1]),), k, device=self.device) for k in keys]),
+                torch.cat([torch.full((n,), k, device=self.device) for k, n in zip(keys, sizes)]),
+                torch.cat([torch.full((n,), self.client_cuts.get(k, self.cut)) for k, n in zip(keys, sizes)]),
             )
         return self._pool
 
     def train_step(self) -> float:
         """One step of the relative-noise objective (split-protocol.md, Training):
 
-        x_t = sqrt(r_t) u + sqrt(1 - r_t) eps',  r_t = abar_t / abar_s,  loss = ||eps_S(x_t, t, y) - eps'||^2.
+        x_t = sqrt(r_t) u + sqrt(1 - r_t) eps',  r_t = abar_t / abar_s,  loss = ||eps_S(x_t, t, y) - eps'||^2,
+
+        with t ~ U{s+1..T}. When the views come from several cuts s_i, each image keeps its own s_i and its own t-range,
+        and the model's output is read relative to the reference cut (`mixed_train_step`).
         """
         learner = self.learner
-        u_all, y_all, c_all = self.pool()
+        u_all, y_all, c_all, s_all = self.pool()
         idx = learner.randint(0, len(u_all), self.cfg.train.batch_size)
         u, y, c = u_all[idx], y_all[idx], c_all[idx]
+        if bool((s_all != self.cut).any()):
+            return self.mixed_train_step(u, y, c, s_all[idx])
         t = learner.randint(self.cut + 1, self.T + 1, len(idx))  # protocol steps s+1..T
         eps_rel = learner.randn(u.shape)
         x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
         ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, learner.rng)
         weights = None if self._loss_w is None else self._loss_w[t.cpu()]
         return learner.step(x_t, to_index(t), ids, eps_rel, weights)
+
+    def mixed_train_step(self, u: torch.Tensor, y: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> float:
+        """One step on a batch whose views come from different cuts s_i >= s_ref (docs/protocol.md, Heterogeneous
+        cuts). Image i draws t ~ U{s_i+1..T}, its own steps, and x_t from its own view exactly as at one cut. The
+        model f predicts eps'_ref, the relative noise at the reference cut: E[eps | x_t] = k_t(s_ref) f. Since also
+        E[eps | x_t] = k_t(s_i) E[eps'_i | x_t], image i's prediction of its own eps'_i is rho_i f with
+        rho_i = k_t(s_ref) / k_t(s_i) <= 1, and its loss is that of a homogeneous server at s_i:
+
+            ||rho_i f - eps'_i||^2 w_t(s_i) = w_t(s_i) / a_i^2 * ||f - a_i eps'_i||^2,   a_i = 1 / rho_i,
+
+        written in the second form (a target and a weight), so the learner's update is the same code."""
+        learner = self.learner
+        t = s + 1 + (torch.rand(len(s), generator=learner.rng, dtype=torch.float64) * (self.T - s)).long()
+        t = torch.minimum(t, torch.full_like(t, self.T)).to(self.device)  # U{s+1..T} per image
+        eps_rel = learner.randn(u.shape)
+        s_dev = s.to(self.device)
+        x_t = self.schedule.server_noise(u, eps_rel, t, s_dev)
+        t_cpu = t.cpu()
+        a = (self.schedule.server_eps_scale(t_cpu, s) / self.schedule.server_eps_scale(t_cpu, self.cut)).float()
+        w = torch.ones(len(s))
+        for cut in torch.unique(s).tolist():
+            cut_w = self.loss_weights(int(cut))
+            if cut_w is not None:
+                sel = s == cut
+                w[sel] = cut_w[t_cpu[sel]]
+        ids = self.labels.drop(self.labels.encode(y, c), self.cfg.train.cond_drop_prob, learner.rng)
+        target = eps_rel * a.to(self.device).view(-1, 1, 1, 1)
+        return learner.step(x_t, to_index(t), ids, target, (w / a ** 2).to(self.device))
 
     def train(self, steps: int) -> float:
         """``steps`` server steps on the mixed uploads; returns their mean loss (NaN if the server owns no step)."""
@@ -143,9 +213,12 @@ class Server:
 
     # -- sampling -----------------------------------------------------------------------------------------------------
     def sample_to_cut(self, y: torch.Tensor, client: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_T ~ N(0, I), then server steps t = T..cut+1 with eps_hat = k_t * eps_S(x_t, t, y); returns x_cut."""
+        """x_T ~ N(0, I), then server steps t = T..s_i+1 with eps_hat = k_t * eps_S(x_t, t, y); returns x_{s_i} for
+        client i at its cut s_i. k_t is that of the reference cut, which the model's output is relative to, whatever
+        the client's cut (docs/protocol.md, Heterogeneous cuts); the grid is anchored on the client's cut."""
         sp = self.cfg.sample
-        sched, steps, _ = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps)
+        sched, steps, _ = self.schedule.split_sampler(sp.sampler, self.cut_of(client), sp.ddim_steps,
+                                                      sp.server_grid_steps)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), client)
         gen = generator or self.learner.sample_rng
@@ -171,7 +244,7 @@ class Server:
         if msg.kind == "upload":
             if not self.trains:
                 raise ProtocolError(f"upload from {msg.sender}: the server owns no step at cut = T")
-            self.receive_upload(sender, msg.arrays["x_cut"], msg.arrays["y"])
+            self.receive_upload(sender, msg.arrays["x_cut"], msg.arrays["y"], int(msg.meta["cut"]))
             return None
         if msg.kind == "model_update":
             self.receive_update(sender, msg.arrays["weights"], int(msg.meta["examples"]))
@@ -194,9 +267,16 @@ class Server:
         tensors, meta = self.learner.state()
         if self.client_labels is not None:
             meta["client_labels"] = {str(k): sorted(v) for k, v in sorted(self.client_labels.items())}
+        if any(cut != self.cut for cut in self.client_cuts.values()):  # only when mixed: others stay byte-equal
+            meta["client_cuts"] = {str(k): v for k, v in sorted(self.client_cuts.items())}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.learner.load_state(tensors, meta)
         labels = meta.get("client_labels")
         self.client_labels = None if labels is None else {int(k): set(v) for k, v in labels.items()}
+        # Without the key every client uploaded at the reference cut (a homogeneous run, or one from before the key).
+        cuts = meta.get("client_cuts")
+        self.client_cuts = {int(k): int(v) for k, v in cuts.items()} if cuts else \
+            ({k: self.cut for k in self.client_labels} if self.client_labels else {})
+        self._pool = None

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from ..split.checkpoint import write_text_atomic
 from ..split.seeding import read_secrets_file, write_secrets_file
 from .spec import Job, Study, seeded
 from .sweep import _trained  # a run is trained when its metrics.json has all its rounds
@@ -232,6 +231,10 @@ def refresh_report(study: Study) -> Path | None:
         baselines = {label: results / d for label, d in s.report_baselines.items()} or None
         return run_sweep(study.config, sorted(s.report_cuts), results, [*s.set, *s.report_set], progress=False,
                          command=s.report_command, seeds=s.seeds, report_only=True, baselines=baselines)
+    if kind == "heterogeneous":
+        from .heterogeneous_report import write_heterogeneous_report
+
+        return write_heterogeneous_report(study)
     from .scarce_report import write_scarce_report
 
     return write_scarce_report(study)

@@ -72,13 +72,13 @@ class StudySection(_Strict):
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
     vary_data_seed: bool = False  # seed k also moves seeds.data (its own subsample / partition)
     path: str = "seed_{seed}/{config}"  # a run's folder; fields: {seed} and the axis names
-    report: Literal["none", "seeds", "scarce"] = "none"
+    report: Literal["none", "seeds", "scarce", "heterogeneous"] = "none"
     # report = "seeds": the cut sweep's summary over seeds (`collafuse sweep --report-only --seeds`): its arguments
     report_cuts: list[int] = Field(default_factory=list)
     report_baselines: dict[str, str] = Field(default_factory=dict)  # label -> folder under results/
     report_command: str = ""  # written into the report as the command that made it
     report_set: list[str] = Field(default_factory=list)  # overrides of the report's base config only
-    # report = "scarce": runs of other studies joined to a setting, e.g. the committed full-data sweep:
+    # report = "scarce" / "heterogeneous": runs of other studies joined to a setting, e.g. the committed sweep:
     # { full = { cut_0200 = "results/fashion-mnist-seeds/seed_{seed}/cut_0200" } } (paths from the root)
     report_extra: dict[str, dict[str, str]] = Field(default_factory=dict)
 

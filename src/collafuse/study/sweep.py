@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from ..split.checkpoint import latest_checkpoint, write_text_atomic
 from ..evaluation.evaluate import evaluate_run
 from ..evaluation.experiment import run_experiment
+from ..split.checkpoint import latest_checkpoint, write_text_atomic
 
 
 def parse_cuts(text: str, timesteps: int | None = None) -> list[int]:

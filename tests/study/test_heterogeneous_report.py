@@ -1,0 +1,89 @@
+"""The heterogeneous-federation summary (issue 29) against hand values: each client's numbers read from the
+per-client sections of a heterogeneous run and from the run-wide ones of a homogeneous run, and the paired FID
+differences with their Student-t interval."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tomli_w
+
+from collafuse.cli import main
+from collafuse.study.heterogeneous_report import client_point, summarise
+
+
+def _evaluation(fids: dict[str, float], cuts: dict[str, int] | None = None, eps: float = 100.0) -> dict:
+    """A minimal evaluation.json: a homogeneous run (cuts None) has only the run-wide compute section."""
+    clients = list(fids)
+    ev = {
+        "cut": 200,
+        "fidelity": {"per_client": {c: {"vs_test": {"fid": f}} for c, f in fids.items()}},
+        "compute": {"flops": {"per_step": {"client": {"params": 1000, "train_step": 7}},
+                              "sampling_per_image": {"client": {"flops": 50}},
+                              "training": {"client": {"trains": True}}, "config": {"client_steps": 20}}},
+        "disclosure": {c: {"formal": {"epsilon": eps}, "results": {"linkage": {"top1": 0.5}}} for c in clients},
+        "communication": {"per_client": {c: {"uploaded_bytes": 2_000_000} for c in clients}},
+    }
+    if cuts:
+        ev["clients"] = {c: {"cut": cuts[c]} for c in clients}
+        ev["compute"]["per_client"] = {
+            c: {"client_params": 10 * (i + 1), "train_flops_per_round": 3 * (i + 1),
+                "sampling_per_image": {"client": {"flops": cuts[c]}}} for i, c in enumerate(clients)}
+        for i, c in enumerate(clients):
+            ev["disclosure"][c]["formal"]["epsilon"] = eps / (i + 1)
+    return ev
+
+
+def test_client_points_from_per_client_and_run_wide_sections():
+    het = client_point(_evaluation({"client0": 9.0, "client1": 5.0}, {"client0": 50, "client1": 500}), "client1")
+    assert (het["cut"], het["params"], het["client_sample_flops_per_image"], het["client_train_flops_per_round"],
+            het["epsilon"], het["fid_test"]) == (500, 20, 500, 6, 50.0, 5.0)
+    homo = client_point(_evaluation({"client0": 9.0}), "client0")
+    # run-wide: 20 client steps x 7 FLOPs per step, every client alike
+    assert (homo["cut"], homo["params"], homo["client_sample_flops_per_image"], homo["client_train_flops_per_round"],
+            homo["linkage_top1"], homo["uploaded_bytes"]) == (200, 1000, 50, 140, 0.5, 2_000_000)
+
+
+def test_paired_differences_against_the_reference():
+    def runs(fids):
+        return {s: {"client0": {"fid_test": f, "cut": 50, "params": 1, "client_sample_flops_per_image": 1,
+                                "client_train_flops_per_round": 1, "epsilon": 1, "linkage_top1": 0,
+                                "uploaded_bytes": 1}} for s, f in enumerate(fids)}
+
+    summary = summarise({"het": runs([10.0, 11.0, 12.0]), "ref": runs([12.0, 12.0, 13.0])}, "ref")
+    d = summary["het"]["client0"]["fid_minus_reference"]
+    # differences -2, -1, -1: mean -4/3, sd 1/sqrt(3), half width t(0.975, 2) sd / sqrt(3) = 4.3027 / 3
+    assert d["mean"] == pytest.approx(-4 / 3) and d["half_width"] == pytest.approx(4.302653 / 3, rel=1e-5)
+    assert d["verdict"] == "not resolved" and "fid_minus_reference" not in summary["ref"]["client0"]
+    clear = summarise({"het": runs([10.0, 10.5, 10.2]), "ref": runs([14.0, 14.4, 14.1])}, "ref")
+    assert clear["het"]["client0"]["fid_minus_reference"]["verdict"] == "gain"
+
+
+def test_report_from_a_study_file(tmp_path):
+    (tmp_path / "base.toml").write_text("")
+    study = {"study": {"name": "het", "config": "base.toml", "results": "res", "seeds": [0, 1],
+                       "path": "seed_{seed}/{federation}", "report": "heterogeneous",
+                       "report_extra": {"homogeneous": {"cut 200": "ref/seed_{seed}"}}},
+             "axes": {"federation": {"mixed": ["clients=[{cut = 50}, {}, {cut = 500}]"]}},
+             "grid": [{"federation": ["mixed"]}], "evaluation": [{"output": "evaluation.json"}]}
+    file = tmp_path / "het.toml"
+    file.write_text(tomli_w.dumps(study))
+    for seed, (a, b) in enumerate(((8.0, 10.0), (9.0, 12.0))):
+        run = tmp_path / "res" / f"seed_{seed}" / "mixed"
+        run.mkdir(parents=True)
+        (run / "evaluation.json").write_text(json.dumps(_evaluation({"client0": a}, {"client0": 50})))
+        ref = tmp_path / "ref" / f"seed_{seed}"
+        ref.mkdir(parents=True)
+        (ref / "evaluation.json").write_text(json.dumps(_evaluation({"client0": b})))
+    assert main(["study", str(file), "--report-only", "--root", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    row = metrics["federations"]["mixed"]["client0"]
+    assert row["cut"] == 50 and row["fid_test"]["mean"] == 8.5
+    assert row["fid_minus_reference"]["mean"] == pytest.approx(-2.5) and metrics["reference"] == "cut 200"
+    report = (tmp_path / "res" / "report.md").read_text()
+    assert "| client0 | 50 | 10 |" in report and "-2.5" in report
+    for png in ("fidelity_compute.png", "fidelity_epsilon.png"):
+        assert (tmp_path / "res" / png).stat().st_size > 1000 and f"![]({png})" in report
+    assert not math.isnan(row["epsilon"]["mean"])
