@@ -147,7 +147,7 @@ class Server:
         idx = learner.randint(0, len(u_all), self.cfg.train.batch_size)
         u, y, c = u_all[idx], y_all[idx], c_all[idx]
         if bool((s_all != self.cut).any()):
-            return self.mixed_train_step(u, y, c, s_all[idx])
+            return self.mixed_train_step(u, y, c, s_all[idx.cpu()])  # the cuts stay on the CPU, with its RNG
         t = learner.randint(self.cut + 1, self.T + 1, len(idx))  # protocol steps s+1..T
         eps_rel = learner.randn(u.shape)
         x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
