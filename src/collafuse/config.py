@@ -530,7 +530,7 @@ class Config(_Section):
         for key in ("min_cut", "max_cut"):  # only when set, so runs from before the option keep their hash
             if getattr(self.split, key) is not None:
                 ident["split"][key] = getattr(self.split, key)
-        if self.clients and any(self._differs(i) for i in range(len(self.clients))):
+        if self.heterogeneous:
             # resolved, so [[clients]] tables that repeat the shared values are today's run (same hash, same bits)
             ident["clients"] = [{"cut": v.cut, "client_model": v.client_model.model_dump(),
                                  "batch_size": v.train.batch_size, "client_steps": v.train.client_steps}

@@ -225,7 +225,7 @@ def per_client_accounting(fed: Federation, shared_flops: dict) -> dict:
     cfg, out = fed.cfg, {}
     for c in fed.clients:
         view = c.cfg
-        flops = shared_flops if view is cfg else measure_node_flops(view)
+        flops = measure_node_flops(view) if cfg.clients and cfg._differs(c.index) else shared_flops
         acc = run_accounting(view, flops)
         steps_per_round = view.train.client_steps if c.trains else 0
         out[c.node_id] = {
