@@ -179,6 +179,16 @@ class SplitConfig(_Section):
     upload_clip_norm: float | None = _allowed("a number > 0, or unset for no clipping", default=None, gt=0)
     # The most images one upload may carry; a larger one is refused (it would be a malformed or hostile message).
     max_upload_images: _Count = 100_000
+    # Where the server keeps the uploads it trains on. "disk": memory-mapped, checksummed shards in its own state
+    # directory (collafuse.split.upload_pool), so the pool is not bounded by RAM or GPU memory and a restarted
+    # server reuses it instead of asking every client again. "memory": on the server's device, as before. A server
+    # without a state directory (evaluation, tests) keeps them in memory either way. Not part of the run's identity:
+    # both give the same batches, bit for bit.
+    upload_pool: Literal["disk", "memory"] = "disk"
+    # The most hand-offs the server makes for one client between two training rounds (and after the last one):
+    # a sample_request beyond it is refused, so no client can make the server sample without end. At least
+    # sample.n_per_client and eval.n_samples (checked by Config).
+    sample_quota: _Count = 100_000
     # The cuts the server accepts from clients (heterogeneous federations, [[clients]]): an upload declares its
     # client's cut, and one outside [min_cut, max_cut] is refused and its client dropped. min_cut is also the
     # server model's reference cut: it predicts the relative noise of a view uploaded at min_cut, and a client at a
@@ -364,6 +374,10 @@ class Config(_Section):
         T, n_classes, size = self.diffusion.timesteps, self.num_classes, self.image_shape[1]
         if self.split.cut is not None and not 0 <= self.split.cut <= T:
             raise _invalid("split.cut", self.split.cut, f"an integer step in [0, {T}] (diffusion.timesteps)")
+        need = max(self.sample.n_per_client, self.eval.n_samples)
+        if self.split.sample_quota < need:
+            raise _invalid("split.sample_quota", self.split.sample_quota,
+                           f"an integer >= {need}, the larger of sample.n_per_client and eval.n_samples")
         models = [("server_model", self.server_model), ("client_model", self.client_model)]
         if self.clients:
             self._check_clients(T)

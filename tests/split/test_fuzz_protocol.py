@@ -88,7 +88,7 @@ TABLE = {  # kind: (direction, arrays, {meta key: (required, allowed)})
     "train_request": ("s2c", {}, {"round": (True, ROUND), "steps": (True, STEPS)}),
     "train_reply": ("c2s", {}, {"round": (True, ROUND), "steps": (True, STEPS), "loss": (False, _loss)}),
     "sample_request": ("c2s", {"y": Y}, {}),
-    "sample_response": ("s2c", {"x_cut": X_CUT}, {}),
+    "sample_response": ("s2c", {"x_cut": X_CUT}, {"cut": (True, _int_in(0, 10**9))}),
     "sample_order": ("s2c", {}, {"n": (True, N)}),
     "sample_done": ("c2s", {}, {"n": (True, N)}),
     "error": ("any", {}, {"reason": (True, _reason)}),

@@ -8,6 +8,10 @@ Directions are the client's: *uploaded* is client -> server, *downloaded* is ser
 carry ``meta.round`` (``upload_request``, ``upload``, ``train_request``, ``train_reply``) and are grouped by it.
 Sampling messages (``sample_request`` with the labels y, ``sample_response`` with x_cut) are divided by the number
 of images requested, the length of each request's y array.
+
+Only the *counted* records enter these totals: a round that a crash cut off and that was done again (``replayed``)
+and an upload re-sent after a server restart with bytes the server had already received (``resent``) are reported
+apart, under ``after_restarts`` (split/transport.py, MessageLog).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..split.protocol import SERVER
-from ..split.transport import MessageLog
+from ..split.transport import MessageLog, uncounted
 
 BYTES_UNIT = "bytes of array payload (numel x element size); message framing and meta scalars not counted"
 SAMPLING_KINDS = ("sample_request", "sample_response")
@@ -81,8 +85,19 @@ def communication_summary(log: MessageLog | list[dict] | str | Path) -> dict:
                              "sampling": {"requests": 0, "images": 0, "uploaded_bytes": 0, "downloaded_bytes": 0}}
         return clients[node]
 
-    for r in records:
+    again: dict[str, dict] = {}  # what crossed a second time after restarts, by client: not in the totals above
+    for r, why in zip(records, uncounted(records)):
         node, direction = _client_of(r)
+        if why is not None:
+            a = again.setdefault(node, {"replayed_messages": 0, "replayed_bytes": 0,
+                                        "resent_uploads": 0, "resent_upload_bytes": 0})
+            if why == "replayed":
+                a["replayed_messages"] += 1
+                a["replayed_bytes"] += r["bytes"]
+            elif r["kind"] == "upload":
+                a["resent_uploads"] += 1
+                a["resent_upload_bytes"] += r["bytes"]
+            continue
         c = entry(node)
         key = "uploaded_bytes" if direction == "up" else "downloaded_bytes"
         c[key] += r["bytes"]
@@ -119,4 +134,6 @@ def communication_summary(log: MessageLog | list[dict] | str | Path) -> dict:
     total["sampling_bytes"] = sampling_bytes
     total["images"] = images
     total["sampling_bytes_per_image"] = _per_image(sampling_bytes, images)
-    return {"units": {"bytes": BYTES_UNIT}, "messages": len(records), "per_client": per_client, "totals": total}
+    after = dict(sorted(again.items(), key=lambda kv: (len(kv[0]), kv[0])))
+    return {"units": {"bytes": BYTES_UNIT}, "messages": sum(w is None for w in uncounted(records)),
+            "per_client": per_client, "totals": total, "after_restarts": after}

@@ -36,10 +36,11 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool 
     if existing is not None and not resume:
         raise ConfigError(f"--out {out} already holds a run ({existing.name}); pass --resume to continue it "
                           f"or choose another --out")
-    fed = Federation(cfg, log=MessageLog(out / "message_log.jsonl"), secrets=secrets)
+    fed = Federation(cfg, log=MessageLog(out / "message_log.jsonl"), secrets=secrets, server_dir=out / "server")
     if resume and fed.restore(ckpt_dir):  # verified before anything in out is written
         print(f"resuming {out} after round {fed.history.rounds_done}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
+    fed.resume_records()  # what a killed attempt logged past its checkpoint is marked replayed, not counted twice
     write_text_atomic(out / "config.toml", cfg.to_toml())
     fed.set_progress(progress)
     fed.train(ckpt_dir, progress=progress)

@@ -137,6 +137,12 @@ def write_report(fed: Federation, out: Path, metrics: dict, command: str) -> Pat
               "| kind | messages | bytes |", "|---|---|---|"]
     for kind, s in log["by_kind"].items():
         lines.append(f"| {kind} | {s['messages']} | {_mb(s['bytes'])} |")
+    replayed, resent = log.get("replayed", {}), log.get("resent_uploads", {})
+    if replayed.get("messages") or resent.get("messages"):
+        lines += ["", "After restarts, apart from the counts above (each round is counted once): "
+                  f"{resent['messages']} uploads re-sent with bytes the server already held "
+                  f"({_mb(resent['bytes'])}), and {replayed['messages']} messages of rounds a crash cut off and that "
+                  f"were done again ({_mb(replayed['bytes'])})."]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

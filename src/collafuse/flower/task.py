@@ -188,12 +188,13 @@ def run_server(grid, run_config) -> dict:
         write_text_atomic(out / "config.toml", cfg.to_toml())
     from .transport import FlowerTransport  # flwr-dependent; task's client half does not need it
 
-    server = Server(cfg)
+    server = Server(cfg, state_dir=out / "server")  # its stored upload pool lives there (split.upload_pool)
     transport = FlowerTransport(grid, MessageLog(out / "message_log.jsonl"), cfg.data.num_clients,
                                 reply_timeout=float(run_config.get("reply-timeout", 600)),
                                 algorithm=cfg.split.algorithm)
     orch = Orchestrator(cfg, server, transport, [client_node(i) for i in range(cfg.data.num_clients)], [server])
     resumed = orch.restore(out / "checkpoints")
+    orch.resume_records()  # records past the checkpoint (a killed ServerApp's last round) are marked replayed
     _say(f"run {out}: cut {cfg.cut}, {cfg.data.num_clients} clients, "
          + (f"resuming after round {orch.history.rounds_done}" if resumed else "starting"))
     present = transport.wait_for_clients(cfg.data.num_clients, float(run_config.get("join-timeout", 300)))

@@ -127,6 +127,14 @@ class Client:
         """The steps this client takes in a round: its own ``client_steps`` where it set them, else the request's."""
         return requested if self.own_steps is None else self.own_steps
 
+    def check_steps(self, kind: str, steps: int) -> None:
+        """Refuse a request for more local steps than this client's own ``train.client_steps`` (where it set its
+        own steps the request's count is not used, so there is nothing to refuse)."""
+        limit = self.cfg.train.client_steps
+        if self.own_steps is None and steps > limit:
+            raise ProtocolError(f"{kind} from server asks {self.node_id} for {steps} steps (allowed: at most {limit}, "
+                                f"its train.client_steps)")
+
     def train_round(self, round_: int, steps: int) -> float:
         """Train for round ``round_`` once: a request for a round already done returns its loss again."""
         steps = self.steps_for(steps)
@@ -159,6 +167,7 @@ class Client:
         final average, answered by a ``train_reply``. A repeated push (at-least-once delivery) neither re-applies
         the weights nor trains again: it gets the same answer."""
         round_, steps = int(msg.meta["round"]), int(msg.meta["steps"])
+        self.check_steps(msg.kind, steps)
         self.apply_global(round_, msg.arrays["weights"])
         if steps == 0:
             return Message("train_reply", self.node_id, SERVER, meta={"round": round_, "steps": 0})
@@ -176,6 +185,7 @@ class Client:
             return Message("upload", self.node_id, SERVER, {"x_cut": u, "y": y},
                            {"round": msg.meta["round"], "cut": self.cut})
         if msg.kind == "train_request":
+            self.check_steps(msg.kind, int(msg.meta["steps"]))
             loss = self.train_round(int(msg.meta["round"]), int(msg.meta["steps"]))
             meta = {"round": msg.meta["round"], "steps": self.steps_for(int(msg.meta["steps"]))}
             if not math.isnan(loss):
@@ -195,6 +205,7 @@ class Client:
             if y is None or len(y) != len(msg.arrays["x_cut"]):
                 raise ProtocolError(f"sample_response with {len(msg.arrays['x_cut'])} hand-offs, but {self.node_id} "
                                     f"awaits {0 if y is None else len(y)}")
+            self.check_handoff_cut(msg)
             x0 = self.finish(msg.arrays["x_cut"], y)
             self.finished.append({"x0": x0.cpu(), "x_cut": msg.arrays["x_cut"].cpu(), "y": y.cpu()})
             self._pending_y = None
@@ -209,6 +220,13 @@ class Client:
         raise ProtocolError(f"{self.node_id} cannot handle message kind {msg.kind!r}")
 
     # -- sampling -----------------------------------------------------------------------------------------------------
+    def check_handoff_cut(self, msg: Message) -> None:
+        """Refuse a hand-off that the server says is at another step than this client's cut: finishing it from
+        here would be wrong at every step."""
+        if int(msg.meta["cut"]) != self.cut:
+            raise ProtocolError(f"sample_response from server hands {self.node_id} an x_cut at step "
+                                f"{msg.meta['cut']} (allowed: {self.cut}, its own cut)")
+
     def sample_labels(self, n: int) -> torch.Tensor:
         """n class labels following the client's own class mix (largest remainder), sorted for tidy grids."""
         counts = torch.bincount(self.data.train_y, minlength=self.cfg.num_classes).double()
@@ -250,6 +268,7 @@ class Client:
         for y in y_all.split(self.cfg.sample.batch_size):
             if server_steps:
                 reply = transport.request(Message("sample_request", self.node_id, SERVER, {"y": y}))
+                self.check_handoff_cut(reply)
                 x_cut = reply.arrays["x_cut"]
             else:
                 x_cut = torch.randn((len(y), *self.cfg.image_shape), generator=gen)

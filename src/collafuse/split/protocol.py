@@ -10,7 +10,7 @@ against it, so x0, epsilon, client weights or gradients cannot leave a node by a
 | train_request   | server -> client | -                                   | round, steps           |
 | train_reply     | client -> server | -                                   | round, steps, loss?    |
 | sample_request  | client -> server | y int64 [n]                         | -                      |
-| sample_response | server -> client | x_cut float32 [n,C,H,W]             | -                      |
+| sample_response | server -> client | x_cut float32 [n,C,H,W]             | cut                    |
 | sample_order    | server -> client | -                                   | n                      |
 | sample_done     | client -> server | -                                   | n                      |
 | error           | either           | -                                   | reason                 |
@@ -39,6 +39,8 @@ Meta values are typed and bounded (``bool`` is never a number, and no other key 
 | examples | int                     | [1, 10**9] (a client's training images: FedAvg's weight)           |
 | cut    | int                       | [0, 10**9]: t_zeta of the uploading client (its view's noise step);  |
 |        |                           | its server accepts [split.min_cut, split.max_cut], one cut a client  |
+|        |                           | per run; in a sample_response, the step the hand-off is at, which    |
+|        |                           | the client refuses unless it is its own cut                          |
 
 Arrays are float32 / int64 on the wire in little-endian byte order (the Flower codec checks the bytes, not only
 the declared dtype). Node ids are ``server``, ``client<N>`` (N decimal, no leading zeros, at most 9 digits) and,
@@ -202,7 +204,7 @@ SPECS: dict[str, MessageSpec] = {
     "train_request": MessageSpec("s2c", {}, {"round": ROUND, "steps": STEPS}),
     "train_reply": MessageSpec("c2s", {}, {"round": ROUND, "steps": STEPS, "loss": LOSS}),
     "sample_request": MessageSpec("c2s", {"y": (torch.int64, 1)}),
-    "sample_response": MessageSpec("s2c", {"x_cut": (torch.float32, 4)}),
+    "sample_response": MessageSpec("s2c", {"x_cut": (torch.float32, 4)}, {"cut": CUT}),
     "sample_order": MessageSpec("s2c", {}, {"n": COUNT}),
     "sample_done": MessageSpec("c2s", {}, {"n": COUNT}),
     "error": MessageSpec("any", {}, {"reason": REASON}),

@@ -82,6 +82,9 @@ class Orchestrator:
         self.history = History()
         self.events: list[str] = []  # dropped or refused clients, one line each (also logged)
         self.dropped: list[str] = []  # clients left out for good after a refused upload
+        # The log length the restored checkpoint was written at (0: nothing restored; None: a checkpoint from before
+        # the field, whose records past it cannot be told apart).
+        self.restored_log_seq: int | None = 0
 
     def _note(self, line: str) -> None:
         logger.warning(line)
@@ -148,6 +151,7 @@ class Orchestrator:
         if self.cfg.split.algorithm == "fedavg":
             return self.run_fedavg_round(round_)
         cfg, server = self.cfg, self.server
+        server.start_round(round_)
         need_upload = [c for c in self.client_ids
                        if server.trains and (client_index(c) not in server.uploads or cfg.split.fresh_upload_noise)]
         if need_upload:
@@ -172,6 +176,7 @@ class Orchestrator:
     def run_fedavg_round(self, round_: int) -> dict[str, float]:
         """FedAvg: push the global weights, K local steps per client, average the replies weighted by data size.
         A client that drops out or whose update is refused is left out of this round's average."""
+        self.server.start_round(round_)
         weights = self.server.global_weights()
         replies = self._to_server(self._timed(self.transport.exchange(
             [Message("model_push", SERVER, c, {"weights": weights}, {"round": round_, "steps": self.client_steps(c)})
@@ -226,7 +231,9 @@ class Orchestrator:
         return {r.node_id: r.state() for r in self.local_roles}
 
     def save(self, ckpt_dir: Path) -> Path:
-        run_state = {"config_hash": self.cfg.identity_hash(), "history": self.history.to_dict()}
+        # log_seq: where this checkpoint's records end, so a resume marks what was logged after it as replayed
+        run_state = {"config_hash": self.cfg.identity_hash(), "history": self.history.to_dict(),
+                     "log_seq": self.transport.log.next_seq}
         return save_checkpoint(ckpt_dir, self.history.rounds_done, self.node_states(), run_state,
                                keep_rounds=self.cfg.train.keep_rounds)
 
@@ -246,8 +253,21 @@ class Orchestrator:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit the configured models: {e}") from None
         self.history = History.from_dict(state["history"])
+        self.restored_log_seq = state.get("log_seq")
         self.restored_from = path  # which checkpoint the weights are (evaluation keys its sample cache on it)
         return True
+
+    def resume_records(self) -> int:
+        """Before the first round of a run that writes into an existing message log: mark replayed every record past
+        the checkpoint it resumed from (every record, when it starts from nothing), so the log holds each round once
+        (MessageLog.replay_after). Returns how many were marked."""
+        if self.restored_log_seq is None:
+            self._note("the checkpoint predates log_seq: records logged after it cannot be marked as replayed")
+            return 0
+        marked = self.transport.log.replay_after(self.restored_log_seq)
+        if marked:
+            logger.info("marked %d message-log records past the checkpoint as replayed", marked)
+        return marked
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def train(self, ckpt_dir: Path | None = None, progress: bool = True, on_round=None) -> History:
@@ -280,10 +300,12 @@ class Federation(Orchestrator):
         log (`MessageLog`, *optional*): message log; in memory when omitted.
         secrets (`dict[int, ClientSecret]`, *optional*): explicit client secrets by client index, for a reproducible
             experiment (``collafuse run --client-secrets``); clients without one draw theirs from OS entropy.
+        server_dir (`Path`, *optional*): the server's state directory (its stored upload pool,
+            ``split.upload_pool``); None keeps the uploads in memory.
     """
 
     def __init__(self, cfg: Config, clients_data: list[ClientData] | None = None, log: MessageLog | None = None,
-                 secrets: dict[int, ClientSecret] | None = None):
+                 secrets: dict[int, ClientSecret] | None = None, server_dir: Path | None = None):
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         data = clients_data if clients_data is not None else load_client_datasets(
@@ -291,7 +313,7 @@ class Federation(Orchestrator):
         secrets = secrets or {}
         if extra := sorted(set(secrets) - set(range(len(data)))):
             raise SecretError(f"client secrets given for clients {extra} (allowed: clients 0..{len(data) - 1})")
-        server = Server(cfg)
+        server = Server(cfg, state_dir=server_dir)
         self.clients = [Client(i, d, cfg, secret=secrets.get(i)) for i, d in enumerate(data)]
         self.log = log or MessageLog()
         transport = InProcessTransport([server, *self.clients], self.log, cfg.split.algorithm)

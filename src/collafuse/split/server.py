@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +20,7 @@ from .learner import Learner
 from .models import node_labels, node_model, predict_eps
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_index
 from .seeding import generator as make_generator
+from .upload_pool import UploadPool, upload_digest
 
 logger = logging.getLogger("collafuse.server")
 
@@ -27,11 +29,14 @@ class Server:
     """Args:
         cfg (`Config`): the run configuration (cut, server model, training and sampling settings, seeds).
         device (`str`, *optional*): defaults to ``cfg.run.device``.
+        state_dir (`Path`, *optional*): the server's own state directory; with ``split.upload_pool = "disk"`` the
+            uploads are stored under ``state_dir/uploads`` (collafuse.split.upload_pool) and reused after a restart.
+            None keeps them in memory.
     """
 
     node_id = SERVER
 
-    def __init__(self, cfg: Config, device: str | None = None):
+    def __init__(self, cfg: Config, device: str | None = None, state_dir: Path | None = None):
         self.cfg = cfg
         # The reference cut s_ref (split.min_cut): the model predicts the relative noise of a view uploaded at s_ref.
         # Every client of a homogeneous federation is at it; a client at a later cut is rescaled to it
@@ -48,16 +53,24 @@ class Server:
                                total_steps=cfg.train.rounds * cfg.train.server_steps)
         self._loss_w_by_cut: dict[int, torch.Tensor | None] = {}
         self._loss_w = self.loss_weights(self.cut) if self.cut < self.T else None
-        self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client index -> (x_cut, y)
+        # client index -> (x_cut, y): in memory, or memory-mapped shards in the state directory
+        pool_dir = Path(state_dir) / "uploads" if state_dir is not None and cfg.split.upload_pool == "disk" else None
+        self.uploads = UploadPool(pool_dir, self.device, cfg.identity_hash())
         # Each client's cut, as its first upload declared it: later uploads must keep it, and its hand-offs stop there.
         # Kept in the checkpoint, so a client cannot change its cut across a server restart either.
         self.client_cuts: dict[int, int] = {}
-        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # The labels each client uploaded: the only labels it may request hand-offs for (plus sample.shared_labels).
         # Kept in the checkpoint, so the rule survives a restart before the uploads are re-sent. None: a checkpoint
         # from before the rule, where the server cannot know them and does not enforce it.
         self.client_labels: dict[int, set[int]] | None = {}
         self.limits = ContentLimits.from_config(cfg)
+        # Budgets per client (docs/protocol.md, "Bounds"): the training round in progress (Orchestrator.run_round
+        # starts it), the hand-offs made for each client in it (split.sample_quota), and each client's accepted view
+        # (its digest and the round it came in): one view per run, or one per round with split.fresh_upload_noise.
+        # The views are kept in the checkpoint, so the rule survives a restart.
+        self.round = 0
+        self.sampled: dict[int, int] = {}
+        self.views: dict[int, tuple[str, int]] = {}
         self.show_progress = False
         # FedAvg: the learner's model is the global model (seeds.init, public: every client starts from it) and it
         # is never trained here; the clients' weights of the current round wait in ``updates`` until ``aggregate``.
@@ -94,20 +107,38 @@ class Server:
                                 f"{self.client_cuts[client]} (allowed: {self.client_cuts[client]}; a cut cannot change "
                                 f"during a run)")
 
+    def start_round(self, round_: int) -> None:
+        """A training round begins: the per-round budgets start again."""
+        self.round = round_
+        self.sampled.clear()
+
+    def check_view(self, client: int, digest: str) -> None:
+        """Refuse a second, different view of a client's images: one per run (re-sent unchanged after a restart is
+        fine), or one per round with ``split.fresh_upload_noise``. More views would average the noise away."""
+        old = self.views.get(client)
+        if old is None or old[0] == digest:
+            return
+        if not self.cfg.split.fresh_upload_noise:
+            raise ProtocolError(f"upload from client{client} is a second, different view of its images (allowed: one "
+                                f"view per run, re-sent unchanged; split.fresh_upload_noise = true for one per round)")
+        if old[1] == self.round:
+            raise ProtocolError(f"upload from client{client} is a second new view in round {self.round} (allowed: one "
+                                f"per round with split.fresh_upload_noise)")
+
     # -- training -----------------------------------------------------------------------------------------------------
     def receive_upload(self, client: int, x_cut: torch.Tensor, y: torch.Tensor, cut: int | None = None) -> None:
         """Keep client ``client``'s upload, a view at ``cut`` (default: the reference cut)."""
         cut = self.cut if cut is None else cut
         self.check_cut(client, cut)
+        digest = upload_digest(x_cut.detach().cpu().contiguous(), y.detach().cpu().contiguous())
+        self.check_view(client, digest)
         self.client_cuts[client] = cut
-        if client in self.uploads:
-            old_u, old_y = self.uploads[client]
-            if old_u.shape == x_cut.shape and torch.equal(old_u.cpu(), x_cut) and torch.equal(old_y.cpu(), y):
-                return  # the same view again (e.g. after a restart): nothing new
-        self.uploads[client] = (x_cut.to(self.device), y.to(self.device))
+        if self.views.get(client, ("",))[0] != digest:
+            self.views[client] = (digest, self.round)
+        if not self.uploads.put(client, x_cut, y, cut, digest):
+            return  # the same view again (e.g. after a restart): nothing new
         if self.client_labels is not None:
             self.client_labels[client] = {int(c) for c in torch.unique(y)}
-        self._pool = None
 
     def check_sample_labels(self, client: int, y: torch.Tensor) -> None:
         """Refuse labels that are private to other clients: a client may ask only for the classes it uploaded and
@@ -121,18 +152,14 @@ class Server:
                                 f"it never uploaded (allowed: {sorted(allowed)}; share more with sample.shared_labels)")
 
     def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All uploads, mixed: (x_cut, y, client index, cut), in client order so the pool is the same after a
-        restart."""
-        if self._pool is None:
-            keys = sorted(self.uploads)
-            sizes = [len(self.uploads[k][1]) for k in keys]
-            self._pool = (
-                torch.cat([self.uploads[k][0] for k in keys]),
-                torch.cat([self.uploads[k][1] for k in keys]),
-                torch.cat([torch.full((n,), k, device=self.device) for k, n in zip(keys, sizes)]),
-                torch.cat([torch.full((n,), self.client_cuts.get(k, self.cut)) for k, n in zip(keys, sizes)]),
-            )
-        return self._pool
+        """All uploads, mixed: (x_cut, y, client index, cut), in client order (read whole: for inspection; training
+        reads its batches from ``uploads.batch``)."""
+        return self.uploads.batch(torch.arange(self.uploads.total()))
+
+    @property
+    def mixed_cuts(self) -> bool:
+        """Whether the uploads come from more than one cut (every step is then the mixed one)."""
+        return any(cut != self.cut for cut in self.uploads.cuts.values())
 
     def train_step(self) -> float:
         """One step of the relative-noise objective (split-protocol.md, Training):
@@ -143,11 +170,10 @@ class Server:
         and the model's output is read relative to the reference cut (`mixed_train_step`).
         """
         learner = self.learner
-        u_all, y_all, c_all, s_all = self.pool()
-        idx = learner.randint(0, len(u_all), self.cfg.train.batch_size)
-        u, y, c = u_all[idx], y_all[idx], c_all[idx]
-        if bool((s_all != self.cut).any()):
-            return self.mixed_train_step(u, y, c, s_all[idx.cpu()])  # the cuts stay on the CPU, with its RNG
+        idx = learner.randint(0, self.uploads.total(), self.cfg.train.batch_size)
+        u, y, c, s = self.uploads.batch(idx)
+        if self.mixed_cuts:
+            return self.mixed_train_step(u, y, c, s)  # the cuts stay on the CPU, with its RNG
         t = learner.randint(self.cut + 1, self.T + 1, len(idx))  # protocol steps s+1..T
         eps_rel = learner.randn(u.shape)
         x_t = self.schedule.server_noise(u, eps_rel, t, self.cut)
@@ -258,8 +284,14 @@ class Server:
             if not self.trains:
                 raise ProtocolError(f"sample_request from {msg.sender}: the server owns no step at cut = T")
             self.check_sample_labels(sender, msg.arrays["y"])
+            n, made, quota = len(msg.arrays["y"]), self.sampled.get(sender, 0), self.cfg.split.sample_quota
+            if made + n > quota:
+                raise ProtocolError(f"sample_request from {msg.sender} asks for {n} hand-offs after {made} in round "
+                                    f"{self.round} (allowed: {quota} per client per round, split.sample_quota)")
             x_cut = self.sample_to_cut(msg.arrays["y"], sender)
-            return Message("sample_response", SERVER, msg.sender, {"x_cut": x_cut})
+            self.sampled[sender] = made + n
+            # the step the hand-off is at: the client refuses one that is not at its own cut
+            return Message("sample_response", SERVER, msg.sender, {"x_cut": x_cut}, {"cut": self.cut_of(sender)})
         raise ProtocolError(f"server cannot handle message kind {msg.kind!r}")
 
     # -- checkpoint state: everything the node must keep to resume exactly lives in its Learner ---------------------
@@ -269,6 +301,8 @@ class Server:
             meta["client_labels"] = {str(k): sorted(v) for k, v in sorted(self.client_labels.items())}
         if any(cut != self.cut for cut in self.client_cuts.values()):  # only when mixed: others stay byte-equal
             meta["client_cuts"] = {str(k): v for k, v in sorted(self.client_cuts.items())}
+        if self.views:
+            meta["upload_views"] = {str(k): list(v) for k, v in sorted(self.views.items())}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -279,4 +313,11 @@ class Server:
         cuts = meta.get("client_cuts")
         self.client_cuts = {int(k): int(v) for k, v in cuts.items()} if cuts else \
             ({k: self.cut for k in self.client_labels} if self.client_labels else {})
-        self._pool = None
+        self.views = {int(k): (str(v[0]), int(v[1])) for k, v in meta.get("upload_views", {}).items()}
+        # a stored pool that verifies is used again: its clients are not asked to upload (they would re-send the
+        # same bytes). Its cuts must be the ones the checkpoint knows.
+        for client in self.uploads.reopen(set(range(self.cfg.data.num_clients))):
+            if self.client_cuts.get(client, self.uploads.cuts[client]) != self.uploads.cuts[client]:
+                logger.warning("stored upload of client%d is at cut %d, the checkpoint says %d: asked again",
+                               client, self.uploads.cuts[client], self.client_cuts[client])
+                self.uploads.forget(client)

@@ -13,6 +13,7 @@ with ``rejected`` and its reason, and the receiving role answers with an ``error
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
+from .checkpoint import write_text_atomic
 from .protocol import ANY_CLIENT, SERVER, Message, ProtocolError, bounded_reason, check_message, show
 
 logger = logging.getLogger("collafuse.transport")
@@ -36,6 +40,19 @@ class Role(Protocol):
 class MessageLog:
     """Append-only JSON-lines audit of every message: kind, sender, receiver, array names, shapes, dtypes, bytes.
 
+    The log stays true across crashes (a run killed with kill -9 and resumed):
+
+    - a line torn by the kill (the last one, without its newline) is dropped when the log is opened;
+    - ``replay_after(seq)`` marks ``"replayed": true`` on every record past the resumed checkpoint: they crossed,
+      but the round they belong to was cut off and is done again, so the totals count it once;
+    - an ``upload`` carries a digest of its arrays (blake2b-128; the server holds the arrays themselves), and an
+      upload whose sender already sent those exact bytes (re-sent after a server restart) is marked
+      ``"resent": true``: it tells the server nothing new and is reported apart from the first uploads;
+    - ``seq`` rises strictly over the file's whole life.
+
+    ``summary`` (and collafuse.evaluation.communication) count only the *counted* records, the ones a run that
+    was never killed would hold, and report the replayed and re-sent ones separately.
+
     Args:
         path (`Path`, *optional*): file to append to; None keeps the log in memory only.
     """
@@ -43,24 +60,72 @@ class MessageLog:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path is not None else None
         self.records: list[dict] = []
+        self._sent_uploads: set[tuple[str, str]] = set()  # (sender, digest) of the counted uploads
         if self.path is not None and self.path.exists():
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            lines = self.path.read_text().split("\n")
+            complete, tail = lines[:-1], lines[-1]  # the text after the last newline: a line cut by a kill
+            for line in complete:
+                if line.strip():
+                    self.records.append(json.loads(line))
+            if tail.strip():
+                logger.warning("%s: dropped its last line, cut off by a crash (%d bytes)", self.path, len(tail))
+                self._rewrite()
+            for r in self.records:
+                self._note_upload(r)
+
+    def _rewrite(self) -> None:
+        if self.path is not None:
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def _note_upload(self, record: dict) -> None:
+        if record.get("kind") == "upload" and is_counted(record) and "digest" in record:
+            self._sent_uploads.add((record["sender"], record["digest"]))
 
     def append(self, msg: Message, rejected: str | None = None) -> None:
         """Record a message; ``rejected`` (the reason) marks one that was refused and never reached its role."""
-        record = {"seq": len(self.records), "time": round(time.time(), 3), **msg.summary()}
+        seq = self.records[-1]["seq"] + 1 if self.records else 0
+        record = {"seq": seq, "time": round(time.time(), 3), **msg.summary()}
         if rejected is not None:
             record["rejected"] = rejected
+        elif msg.kind == "upload":
+            record["digest"] = arrays_digest(msg.arrays)
+            if (record["sender"], record["digest"]) in self._sent_uploads:
+                record["resent"] = True
+            self._note_upload(record)
         self.records.append(record)
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def replay_after(self, seq: int) -> int:
+        """Mark every record from ``seq`` on as replayed (the log length the resumed checkpoint was written at; 0 for
+        a run that starts again from nothing); the file is rewritten atomically. Returns how many were marked."""
+        marked = 0
+        for r in self.records:
+            if r["seq"] >= seq and not r.get("replayed"):
+                r["replayed"] = True
+                marked += 1
+        if marked:
+            self._sent_uploads.clear()
+            for r in self.records:
+                self._note_upload(r)
+            self._rewrite()
+        return marked
+
+    @property
+    def next_seq(self) -> int:
+        """The seq of the next record: what a checkpoint keeps, so a resume knows where its records end."""
+        return self.records[-1]["seq"] + 1 if self.records else 0
+
     def summary(self) -> dict:
-        """Totals by kind and direction (bytes are array payload bytes)."""
+        """Totals by kind and direction of the counted records (bytes are array payload bytes), and apart from
+        them what crossed again after restarts: ``replayed`` (records of a round a crash cut off) and
+        ``resent_uploads`` (uploads that repeat bytes the server had already received)."""
         by_kind: dict[str, dict] = defaultdict(lambda: {"messages": 0, "bytes": 0})
         per_client: dict[str, dict] = defaultdict(lambda: {"uploaded_bytes": 0, "downloaded_bytes": 0})
-        for r in self.records:
+        why = uncounted(self.records)
+        counted = [r for r, w in zip(self.records, why) if w is None]
+        for r in counted:
             if r.get("rejected"):
                 by_kind["rejected"]["messages"] += 1
                 continue
@@ -70,15 +135,54 @@ class MessageLog:
                 per_client[r["sender"]]["uploaded_bytes"] += r["bytes"]
             else:
                 per_client[r["receiver"]]["downloaded_bytes"] += r["bytes"]
+        again = {name: [r for r, w in zip(self.records, why) if w == name] for name in ("replayed", "resent")}
         return {
-            "messages": len(self.records),
-            "client_to_server_bytes": sum(r["bytes"] for r in self.records
+            "messages": len(counted),
+            "client_to_server_bytes": sum(r["bytes"] for r in counted
                                           if r["receiver"] == SERVER and not r.get("rejected")),
-            "server_to_client_bytes": sum(r["bytes"] for r in self.records
+            "server_to_client_bytes": sum(r["bytes"] for r in counted
                                           if r["sender"] == SERVER and not r.get("rejected")),
             "by_kind": dict(sorted(by_kind.items())),
             "per_client": dict(sorted(per_client.items())),
+            "replayed": {"messages": len(again["replayed"]), "bytes": sum(r["bytes"] for r in again["replayed"])},
+            # the re-sent uploads and the requests that asked for them
+            "resent_uploads": {"messages": sum(r["kind"] == "upload" for r in again["resent"]),
+                               "requests": sum(r["kind"] == "upload_request" for r in again["resent"]),
+                               "bytes": sum(r["bytes"] for r in again["resent"])},
         }
+
+
+def is_counted(record: dict) -> bool:
+    """Whether a log record, on its own, is one a run that was never killed would hold (neither replayed nor a
+    re-sent upload). The ``upload_request`` that asked for a re-send is told apart only beside its answer: use
+    ``uncounted`` on the whole log."""
+    return not record.get("replayed") and not record.get("resent")
+
+
+def uncounted(records: list[dict]) -> list[str | None]:
+    """Per record, why it is not counted: ``"replayed"``, ``"resent"`` (a re-sent upload, or the ``upload_request``
+    it answered), or None for a counted one."""
+    why: list[str | None] = ["replayed" if r.get("replayed") else "resent" if r.get("resent") else None
+                             for r in records]
+    asked: dict[str, int] = {}  # client -> its last counted upload_request not answered yet
+    for i, r in enumerate(records):
+        if why[i] is None and r.get("kind") == "upload_request":
+            asked[r["receiver"]] = i
+        elif r.get("kind") == "upload" and not r.get("rejected"):
+            j = asked.pop(r["sender"], None)
+            if j is not None and why[i] == "resent":
+                why[j] = "resent"
+    return why
+
+
+def arrays_digest(arrays: dict) -> str:
+    """blake2b-128 over the names, dtypes, shapes and bytes of a message's arrays: equal digests, equal arrays."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        a = arrays[name].detach().cpu().contiguous()
+        h.update(f"{name}:{a.dtype}:{list(a.shape)};".encode())
+        h.update(a.view(torch.uint8).numpy().data if a.numel() else b"")
+    return h.hexdigest()
 
 
 class NodeUnavailable(RuntimeError):
