@@ -13,7 +13,6 @@ with ``rejected`` and its reason, and the receiving role answers with an ``error
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -23,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from .checkpoint import write_text_atomic
 from .protocol import ANY_CLIENT, SERVER, Message, ProtocolError, bounded_reason, check_message, show
+from .upload_pool import upload_digest
 
 logger = logging.getLogger("collafuse.transport")
 
@@ -45,7 +43,7 @@ class MessageLog:
     - a line torn by the kill (the last one, without its newline) is dropped when the log is opened;
     - ``replay_after(seq)`` marks ``"replayed": true`` on every record past the resumed checkpoint: they crossed,
       but the round they belong to was cut off and is done again, so the totals count it once;
-    - an ``upload`` carries a digest of its arrays (blake2b-128; the server holds the arrays themselves), and an
+    - an ``upload`` carries the digest of its arrays (``upload_pool.upload_digest``, the one the server keeps), and an
       upload whose sender already sent those exact bytes (re-sent after a server restart) is marked
       ``"resent": true``: it tells the server nothing new and is reported apart from the first uploads;
     - ``seq`` rises strictly over the file's whole life.
@@ -83,12 +81,11 @@ class MessageLog:
 
     def append(self, msg: Message, rejected: str | None = None) -> None:
         """Record a message; ``rejected`` (the reason) marks one that was refused and never reached its role."""
-        seq = self.records[-1]["seq"] + 1 if self.records else 0
-        record = {"seq": seq, "time": round(time.time(), 3), **msg.summary()}
+        record = {"seq": self.next_seq, "time": round(time.time(), 3), **msg.summary()}
         if rejected is not None:
             record["rejected"] = rejected
         elif msg.kind == "upload":
-            record["digest"] = arrays_digest(msg.arrays)
+            record["digest"] = upload_digest(msg.arrays["x_cut"].detach().cpu(), msg.arrays["y"].detach().cpu())
             if (record["sender"], record["digest"]) in self._sent_uploads:
                 record["resent"] = True
             self._note_upload(record)
@@ -173,16 +170,6 @@ def uncounted(records: list[dict]) -> list[str | None]:
             if j is not None and why[i] == "resent":
                 why[j] = "resent"
     return why
-
-
-def arrays_digest(arrays: dict) -> str:
-    """blake2b-128 over the names, dtypes, shapes and bytes of a message's arrays: equal digests, equal arrays."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(arrays):
-        a = arrays[name].detach().cpu().contiguous()
-        h.update(f"{name}:{a.dtype}:{list(a.shape)};".encode())
-        h.update(a.view(torch.uint8).numpy().data if a.numel() else b"")
-    return h.hexdigest()
 
 
 class NodeUnavailable(RuntimeError):
