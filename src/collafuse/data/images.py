@@ -16,6 +16,12 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
 
 
+def as_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) -> float32 in [-1, 1], the same values as ``to_model_range`` (``x / 127.5 - 1`` in
+    float32). A floating-point tensor is taken to be in the model's range already and returned as it is."""
+    return x if x.is_floating_point() else x.to(torch.float32) / 127.5 - 1.0
+
+
 def to_uint8(x: torch.Tensor | np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
     """Floats in [low, high] -> uint8 in [0, 255], same shape: clipped to [low, high], scaled by 255 / (high - low)
     and rounded half to even. The package's one float -> uint8 conversion.

@@ -120,7 +120,7 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
         fake_f, train_f = features(fake, "fake"), features(train_x, "real")
         test_f = features(test_x, "real") if len(test_x) > 1 else None
         val_f = None
-        if c.data.val_x is not None and len(c.data.val_x) > 1:  # the client's left-out images (a data-size cap)
+        if c.data.val_images is not None and len(c.data.val_y) > 1:  # the client's left-out images (a data-size cap)
             val_x, _ = real_subset(c.data.val_x, c.data.val_y, cfg.eval.n_real, seed=300 + c.index)
             val_f = features(val_x, "real")
         per_client[c.node_id] = {
@@ -161,7 +161,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
     out = {"views_per_image": views, "fresh_upload_noise": cfg.split.fresh_upload_noise}
     for c in fed.clients:
         abar = float(server.schedule.alpha_bar[c.cut])  # each client at its own cut (c.cfg: its [[clients]] view)
-        n = min(cfg.eval.disclosure_n, len(c.data.train_x))
+        n = min(cfg.eval.disclosure_n, len(c.data.train_y))
         uploads, labels = c.upload()
         # Distractors: every other image the project holds (other clients' train sets, all test sets).
         others = [d for d in fed.clients if d is not c]
@@ -169,7 +169,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
         pool_y = torch.cat([c.data.test_y, *[d.data.train_y for d in others], *[d.data.test_y for d in others]])
         pool_x, pool_y = real_subset(pool_x, pool_y, max(0, cfg.eval.distractors - n), seed=200 + c.index)
         out[c.node_id] = disclosure_report(
-            c.data.train_x[:n], uploads[:n], abar, labels=labels[:n], server=server, client=c.index,
+            c.data.batch(torch.arange(n)), uploads[:n], abar, labels=labels[:n], server=server, client=c.index,
             distractors=pool_x, distractor_labels=pool_y, ks=ks,
             x_cut=samples[c.index]["x_cut"], x_cut_labels=samples[c.index]["y"],
             generator=generator(cfg.seeds.sample, "disclosure", c.index),
@@ -177,7 +177,7 @@ def disclosure_section(fed: Federation, samples: dict[int, dict]) -> dict:
             clip_norm=cfg.split.upload_clip_norm,
         )
         # The formal guarantee of the same upload: per image, delta = 1 / (this client's training images).
-        out[c.node_id]["formal"] = upload_privacy(abar, int(c.data.train_x[0].numel()), len(c.data.train_x), views,
+        out[c.node_id]["formal"] = upload_privacy(abar, int(c.data.train_images[0].numel()), len(c.data.train_y), views,
                                                   cfg.split.upload_clip_norm)
         out[c.node_id]["cut"] = c.cut
     return out
@@ -235,7 +235,7 @@ def per_client_accounting(fed: Federation, shared_flops: dict) -> dict:
             "client_steps_per_round": steps_per_round,
             "train_flops_per_round": steps_per_round * acc["per_step"]["client"]["train_step"],
             "train_flops_per_image_per_round": steps_per_round * acc["per_step"]["client"]["train_step"]
-            / max(len(c.data.train_x), 1),
+            / max(len(c.data.train_y), 1),
             "train_flops": acc["training"]["client"]["flops"],
             "sampling_per_image": acc["sampling_per_image"],
         }

@@ -22,7 +22,7 @@ def real_images(fed: Federation, client: int, n: int) -> torch.Tensor:
     labels = c.sample_labels(n)
     for cls, count in zip(*torch.unique(labels, return_counts=True)):
         idx = torch.nonzero(c.data.train_y == cls).flatten()[: int(count)]
-        rows.append(c.data.train_x[idx])
+        rows.append(c.data.batch(idx))
     return torch.cat(rows)
 
 
@@ -101,7 +101,7 @@ def write_report(fed: Federation, out: Path, metrics: dict, command: str) -> Pat
         f"- cut t_zeta = {cfg.cut} of T = {cfg.diffusion.timesteps} ({cfg.diffusion.schedule} schedule): "
         f"server steps {cfg.cut + 1}..{cfg.diffusion.timesteps}, client steps 1..{cfg.cut}",
         f"- {len(fed.clients)} clients, partition `{cfg.data.partition}`, "
-        f"train images per client: {[len(c.data.train_x) for c in fed.clients]}",
+        f"train images per client: {[len(c.data.train_y) for c in fed.clients]}",
         f"- models: server {metrics['params']['server']:,} parameters, client {metrics['params']['client']:,}",
         f"- training: {metrics['rounds']} rounds x (K = {cfg.train.client_steps} client steps, "
         f"S = {cfg.train.server_steps} server steps), batch {cfg.train.batch_size}; "

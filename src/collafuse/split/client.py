@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..data.images import as_model_range
 from ..data.partition import ClientData
 from . import fedavg
 from .diffusion import DiffusionSchedule, denoise, step_kwargs, to_index
@@ -69,7 +70,8 @@ class Client:
         self._loss_w = self.schedule.loss_weights(range(1, self.cut + 1), cfg.train.min_snr_gamma) \
             if self.cut >= 1 else None
         self._upload: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (view number, u, y)
-        self._train_x = data.train_x.to(self.device)
+        # Kept as stored (uint8 for loaded data: 4x less memory than float32) and converted one batch at a time.
+        self._train_images = data.train_images.to(self.device)
         self._train_y = data.train_y.to(self.device)
         # The last round trained and its loss: a repeated train_request (the server restarted, or re-sent after a
         # lost reply) is answered from here instead of training twice, so delivery may be at-least-once.
@@ -97,8 +99,8 @@ class Client:
         view = round_ if self.cfg.split.fresh_upload_noise else 1
         if self._upload is None or self._upload[0] != view:
             rng = self._secret.generator("upload", view)
-            eps = torch.randn(self.data.train_x.shape, generator=rng)
-            x0 = self.data.train_x
+            x0 = self.data.train_x  # converted for this once; only u is kept
+            eps = torch.randn(x0.shape, generator=rng)
             if self.cfg.split.upload_clip_norm is not None:  # only the upload: the client's own model sees x0
                 x0 = clip_images(x0, self.cfg.split.upload_clip_norm)
             u = self.schedule.noise(x0, eps, self.cut)
@@ -108,8 +110,8 @@ class Client:
     def train_step(self) -> float:
         """One DDPM step on the client's own images at t ~ U{1..cut} (Ho et al. 2020, Algorithm 1)."""
         learner = self.learner
-        idx = learner.randint(0, len(self._train_x), self.cfg.train.batch_size)
-        x0, y = self._train_x[idx], self._train_y[idx]
+        idx = learner.randint(0, len(self._train_y), self.cfg.train.batch_size)
+        x0, y = as_model_range(self._train_images[idx]), self._train_y[idx]
         t = learner.randint(1, self.cut + 1, len(idx))
         eps = learner.randn(x0.shape)
         x_t = self.schedule.noise(x0, eps, t)
