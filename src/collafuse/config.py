@@ -72,8 +72,10 @@ class DataConfig(_Section):
     #   cifar10         the python pickle batches (root/data_batch_1..5, test_batch, batches.meta)
     #   celeba          root/img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
     #   sklearn-digits, lfw-subset   small sets bundled with scikit-learn / scikit-image (quick offline demos)
+    #   emoji           3,655 colour emoji, 32x32 RGB, the 9 Unicode groups as classes (Debian packages
+    #                   fonts-noto-color-emoji and unicode-data; rendered once to ~/.cache/collafuse)
     dataset: Literal["fashion-mnist", "idx", "image-folder", "cifar10", "celeba", "sklearn-digits",
-                     "lfw-subset"] = "fashion-mnist"
+                     "lfw-subset", "emoji"] = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist installs here
     # square side the images are resized and center-cropped to; 0: the dataset's own
     image_size: Annotated[_DatasetOwn, _rule(lambda s: s == 0 or 8 <= s <= 512,
@@ -581,6 +583,7 @@ DATASET_DEFAULTS = {
     "celeba": (1, 3, 64),
     "sklearn-digits": (10, 1, 16),
     "lfw-subset": (2, 1, 32),  # scikit-image: 100 faces, then 100 non-faces
+    "emoji": (9, 3, 32),  # the Unicode groups of emoji-test.txt (collafuse.data.emoji.EMOJI_GROUPS)
 }
 # Data keys added after runs existed: left out of the identity hash while at their defaults, so those runs resume.
 _DATA_KEYS_HASHED_IF_SET = {"image_size": 0, "channels": 0, "num_classes": 0, "min_client_size": 1,

@@ -129,7 +129,7 @@ def test_model_depth_must_suit_the_image_size():
 
 
 @pytest.mark.parametrize("path,shape", [("configs/cifar10.toml", (3, 32, 32)), ("configs/celeba64.toml", (3, 64, 64)),
-                                        ("configs/digits.toml", (1, 16, 16))])
+                                        ("configs/digits.toml", (1, 16, 16)), ("configs/emoji.toml", (3, 32, 32))])
 def test_shipped_configs_build_models_that_fit_their_images(path, shape):
     """The RGB paper-like configs (not runnable here: no data, no GPU) at least build and run their UNets."""
     from pathlib import Path

@@ -164,7 +164,7 @@ def load_client_datasets(cfg: DataConfig, num_classes: int, seed: int) -> list[C
         return [load_client_source(root, i, cfg, num_classes) for i, root in enumerate(cfg.client_roots)]
     train, test = load_splits(cfg)
     _check_labels(train.labels, num_classes, f"data.dataset = '{cfg.dataset}'" + (
-        f" at data.root = '{cfg.root}'" if cfg.dataset not in ("sklearn-digits", "lfw-subset") else ""))
+        f" at data.root = '{cfg.root}'" if cfg.dataset not in ("sklearn-digits", "lfw-subset", "emoji") else ""))
     train_parts, test_parts = _client_indices(cfg, train, test, num_classes, rng)
     clients = []
     exact = isinstance(cfg.max_train_per_client, list)  # a list gives sizes, a single number only caps

@@ -21,12 +21,13 @@ from pathlib import Path
 from .celeba import read_celeba
 from .cifar10 import read_cifar10
 from .common import DataError, Splits, _check_bad_fraction, _check_fraction, _check_shape, holdout
+from .emoji import emoji
 from .idx import read_idx_folder
 from .image_folder import read_image_folder
 from .lfw_subset import lfw_subset
 from .sklearn_digits import sklearn_digits
 
-SOURCES = ("idx", "image-folder", "cifar10", "celeba", "sklearn-digits", "lfw-subset")
+SOURCES = ("idx", "image-folder", "cifar10", "celeba", "sklearn-digits", "lfw-subset", "emoji")
 
 
 def load_source(kind: str, root: str | Path, image_size: int, channels: int, *, test_fraction: float = 0.2,
@@ -34,12 +35,13 @@ def load_source(kind: str, root: str | Path, image_size: int, channels: int, *, 
     """Load one image source as train and test sets at ``image_size`` x ``image_size`` with ``channels`` channels.
 
     Args:
-        kind (str): ``data.dataset``: "idx", "image-folder", "cifar10", "celeba", "sklearn-digits" or "lfw-subset".
-        root (str | Path): the folder holding the files (ignored by the two bundled sets).
+        kind (str): ``data.dataset``: "idx", "image-folder", "cifar10", "celeba", "sklearn-digits", "lfw-subset"
+            or "emoji".
+        root (str | Path): the folder holding the files (ignored by the bundled sets and emoji).
         image_size (int): side of the square output images, >= 1.
         channels (int): 1 (grayscale) or 3 (RGB).
         test_fraction (float): held-out share for sources without an official test split (image-folder,
-            sklearn-digits, lfw-subset), in [0, 1); default 0.2.
+            sklearn-digits, lfw-subset, emoji), in [0, 1); default 0.2.
         seed (int): seed of that holdout split; default 0.
         max_bad_fraction (float): largest tolerated share of unreadable image files (image-folder, celeba);
             default 0.05.
@@ -67,4 +69,6 @@ def load_source(kind: str, root: str | Path, image_size: int, channels: int, *, 
         return read_celeba(root, image_size, channels, max_bad_fraction, limit)
     if kind == "sklearn-digits":
         return sklearn_digits(image_size, channels, test_fraction, seed)
+    if kind == "emoji":
+        return emoji(image_size, channels, test_fraction, seed)
     return lfw_subset(image_size, channels, test_fraction, seed)
