@@ -171,7 +171,8 @@ def test_a_deadline_stops_a_background_study_at_a_checkpoint_and_it_resumes(swee
     its deadline with exit 130 and no claim left behind; the same command then finishes every run."""
     import signal
 
-    file = write_study(tmp_path, sweep_toml, study={"set": ["train.rounds=40"]},
+    # 100 toy rounds: more than 12 s can train even on a fast machine (40 once fitted), so the deadline falls inside training.
+    file = write_study(tmp_path, sweep_toml, study={"set": ["train.rounds=100"]},
                        grid=[{"size": ["n0010"], "config": ["cut_0006"], "seeds": [0]}],
                        evaluation=[{"output": "evaluation.json", "set": ["eval.energy_steps=0"]}])
     cmd = [sys.executable, "-m", "collafuse", "study", str(file), "--quiet", "--threads", "1"]
@@ -180,7 +181,7 @@ def test_a_deadline_stops_a_background_study_at_a_checkpoint_and_it_resumes(swee
     assert r.returncode == 130, r.stderr[-2000:]
     assert "stopped; the same command resumes" in r.stderr
     ckpts = sorted((tmp_path / "work/n0010/seed_0/cut_0006/checkpoints").glob("round_*"))
-    assert ckpts and ckpts[-1].name < "round_000040"  # stopped mid-run, at a checkpoint
+    assert ckpts and ckpts[-1].name < "round_000100"  # stopped mid-run, at a checkpoint
     assert not list((tmp_path / "work/claims").glob("*.lock"))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
