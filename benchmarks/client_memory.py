@@ -19,10 +19,8 @@ def main() -> None:
     for path in parser.parse_args().configs:
         cfg = load_config(path, [])
         clients = load_client_datasets(cfg.data, cfg.num_classes, cfg.seeds.data)
-        stored = sum(t.nbytes for c in clients for t in (c.train_images, c.test_images, c.val_images)
-                     if t is not None)
-        as_float = sum(t.numel() * 4 for c in clients for t in (c.train_images, c.test_images, c.val_images)
-                       if t is not None)
+        held = [t for c in clients for t in (c.train_images, c.test_images, c.val_images) if t is not None]
+        stored, as_float = sum(t.nbytes for t in held), sum(4 * t.numel() for t in held)
         print(f"{path}: {sum(len(c.train_y) for c in clients)} training images in {len(clients)} clients; "
               f"held as {clients[0].train_images.dtype}: {stored / 2**20:.1f} MiB, as float32: "
               f"{as_float / 2**20:.1f} MiB ({as_float / stored:.2f}x)")

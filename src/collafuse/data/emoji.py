@@ -7,8 +7,9 @@ emoji of Unicode 15.0 is drawn once, 3,655 of them, and its Unicode group is its
     People & Body 2,148, Flags 269, Objects 261, Symbols 223, Travel & Places 218, Smileys & Emotion 166,
     Animals & Nature 152, Food & Drink 133, Activities 85.
 
-Skin-tone variants are kept: each is its own fully-qualified emoji and draws in its own colours (1,500 or so of
-People & Body's 2,148). There is no official test split, so ``holdout`` keeps a fixed share per group.
+Skin-tone variants are kept: each is its own fully-qualified emoji and draws in its own colours (1,785 of
+People & Body's 2,148 carry a skin-tone modifier, U+1F3FB..U+1F3FF). There is no official test split, so
+``holdout`` keeps a fixed share per group.
 """
 
 from __future__ import annotations
