@@ -36,7 +36,7 @@ from .accounting import upload_privacy
 from .communication import communication_summary
 from .compute import estimate_energy, make_train_step, measure_node_flops, run_accounting, sampling_steps
 from .disclosure import disclosure_report
-from .features import get_extractor
+from .features import cached_features, get_extractor
 from .fidelity import check_image_set, compare_label_mix, extract_features, fid_kid, fid_kid_from_features
 from .memorisation import memorisation
 
@@ -110,6 +110,8 @@ def fidelity_section(fed: Federation, samples: dict[int, dict], extractor, class
 
     def features(x: torch.Tensor, what: str) -> torch.Tensor:
         check_image_set(x, what)
+        if what == "real":  # the same real sets recur across a sweep's runs: their features are cached on disk
+            return cached_features(x, extractor, cfg.eval.cache_dir or None)
         return extract_features(x, extractor)
 
     # Each set goes through the extractor once (with Inception that is half the time of scoring pair by pair).
