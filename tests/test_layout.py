@@ -1,8 +1,8 @@
 """The package's layering, read from the source with ``ast`` (nothing is imported): no import cycles between modules,
 and every import goes to the importer's own subpackage or to a lower layer.
 
-Layers: config (0) < data (1) < split (2) < evaluation, flower (3; neither imports the other) < study (4: runs and
-reports over many runs) < cli, __main__ (5).
+Layers: config (0) < data (1) < split (2) < evaluation, flower, export (3; none imports another) < study (4: runs
+and reports over many runs) < cli, __main__ (5).
 ``cli`` is imported by ``__main__`` only. Imports inside functions and under ``TYPE_CHECKING`` count like any other.
 The helpers are checked first on hand-written packages and graphs whose answer is known.
 """
@@ -25,6 +25,7 @@ LAYERS = {
     "split": (2, "split"),
     "evaluation": (3, "evaluation"),
     "flower": (3, "flower"),
+    "export": (3, "export"),  # diffusers folders of trained runs, and the pipeline that samples them
     "study": (4, "study"),
     "cli": (5, "entry"),
     "__main__": (5, "entry"),

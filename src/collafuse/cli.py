@@ -41,8 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     smp = sub.add_parser("sample", help="generate images for one client from a trained run")
     smp.add_argument("run_dir", help="a directory written by 'collafuse run'")
     smp.add_argument("--client", type=int, required=True, help="client index")
-    smp.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    smp.add_argument("--out", required=True, help="output directory")
+    smp.add_argument("--n", type=int, help="number of images, in the client's own class mix (default 64)")
+    smp.add_argument("--labels", metavar="CLASS:COUNT,...",
+                     help="the classes to draw and how many of each, e.g. 0:8,3:4 (instead of --n)")
+    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmsolver"), help="overrides sample.sampler")
+    smp.add_argument("--steps", type=int, help="grid steps, overrides sample.ddim_steps (ddpm runs every step)")
+    smp.add_argument("--seed", type=int,
+                     help="one seed for both the server's and the client's steps: the same images as "
+                          "CollaFusePipeline(generator=torch.Generator().manual_seed(SEED)); default: each side's "
+                          "own stream")
+    smp.add_argument("--out", required=True,
+                     help="a .png (one grid), a .safetensors (uint8 images [N, C, H, W] and labels) or a directory "
+                          "(both, with the hand-offs)")
     smp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="sampling overrides, e.g. --set sample.sampler=ddpm --set seeds.sample=7")
     smp.add_argument("--device", help="torch device, overrides run.device")
@@ -101,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
                          "the summary still covers every committed run")
     st.add_argument("--quiet", action="store_true", help="no progress bars")
     st.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)  # one lane process of --lanes N
+
+    ex = sub.add_parser("export", help="write a trained run as a diffusers folder (UNet2DModel subfolders, "
+                                       "scheduler, model_index.json, model card) for CollaFusePipeline")
+    ex.add_argument("run_dir", help="a directory written by 'collafuse run'")
+    ex.add_argument("--out", required=True, help="the export folder (must not exist)")
+    ex.add_argument("--party", default="all",
+                    help="what to export: 'all' (default), 'server' (its model only) or a client index (its own)")
+    ex.add_argument("--checkpoint", metavar="ROUND", help="a kept checkpoint (round_000025) instead of the latest")
 
     fs = sub.add_parser("flower-sim", help="run a config over Flower's simulation engine (own SuperLink, stopped "
                                            "after)")
@@ -177,22 +195,80 @@ def cmd_run(args) -> int:
     return 0
 
 
+def parse_labels(text: str) -> list[tuple[int, int]]:
+    """``--labels 0:8,3:4`` -> [(0, 8), (3, 4)]: class ids with counts >= 1, each class once."""
+    pairs = []
+    for item in text.split(","):
+        cls, _, count = item.strip().partition(":")
+        try:
+            pair = (int(cls), int(count))
+        except ValueError:
+            raise ConfigError(f"--labels item {item.strip()!r} is invalid (allowed: CLASS:COUNT with integers, e.g. "
+                              f"0:8,3:4)") from None
+        if pair[1] < 1:
+            raise ConfigError(f"--labels count {pair[1]} for class {pair[0]} is invalid (allowed: an integer >= 1)")
+        if pair[0] in dict(pairs):
+            raise ConfigError(f"--labels names class {pair[0]} twice (allowed: each class once, with its count)")
+        pairs.append(pair)
+    return pairs
+
+
 def cmd_sample(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from .data.images import save_grid, to_uint8
     from .evaluation.report import write_client_images
+    from .export.writer import client_classes
     from .split.runner import load_run
     from .split.transport import MessageLog
 
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise ConfigError(f"--n = {args.n} is invalid (allowed: an integer >= 1)")
+    if args.n is not None and args.labels:
+        raise ConfigError("--n and --labels are both given (allowed: one of them; --labels carries the counts)")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps = {args.steps} is invalid (allowed: an integer >= 1)")
+    pairs = parse_labels(args.labels) if args.labels else None
+    overrides = list(args.overrides)
+    overrides += [f"sample.sampler={args.sampler}"] if args.sampler else []
+    overrides += [f"sample.ddim_steps={args.steps}"] if args.steps else []
     out = Path(args.out)
-    fed = load_run(Path(args.run_dir), _with_device(args.overrides, args.device), MessageLog(out / "message_log.jsonl"))
+    kind = out.suffix.lower() if out.suffix.lower() in (".png", ".safetensors") else "dir"
+    log_dir = out if kind == "dir" else out.parent
+    fed = load_run(Path(args.run_dir), _with_device(overrides, args.device), MessageLog(log_dir / "message_log.jsonl"))
     if not 0 <= args.client < fed.cfg.data.num_clients:
         raise ConfigError(f"--client = {args.client} is invalid (allowed: 0..{fed.cfg.data.num_clients - 1})")
-    out.mkdir(parents=True, exist_ok=True)
+    labels = None
+    if pairs is not None:
+        allowed = client_classes(fed)[args.client]
+        if bad := sorted({c for c, _ in pairs} - set(allowed)):
+            raise ConfigError(f"--labels class {bad[0]} is invalid for client {args.client} (allowed: {allowed}, the "
+                              f"classes it held or sample.shared_labels shares)")
+        labels = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in pairs])
+    n = len(labels) if labels is not None else (args.n or 64)
+    log_dir.mkdir(parents=True, exist_ok=True)
     fed.set_progress(not args.quiet)
-    write_client_images(fed, args.client, args.n, out, real=False)
-    print(f"wrote {out}/samples_client{args.client}.png, cut_client{args.client}.png, "
-          f"samples_client{args.client}.safetensors")
+    if kind == "dir" and labels is None and args.seed is None:
+        write_client_images(fed, args.client, n, out, real=False)
+        print(f"wrote {out}/samples_client{args.client}.png, cut_client{args.client}.png, "
+              f"samples_client{args.client}.safetensors")
+        return 0
+    result = fed.sample(args.client, n, labels=labels, seed=args.seed)
+    ncol = max(1, round(n ** 0.5))
+    written = []
+    if kind in (".png", "dir"):
+        path = out if kind == ".png" else out / f"samples_client{args.client}.png"
+        written.append(save_grid(result["x0"], path, ncol))
+    if kind in (".safetensors", "dir"):
+        path = out if kind == ".safetensors" else out / f"samples_client{args.client}.safetensors"
+        save_file({"images": torch.from_numpy(to_uint8(result["x0"])).contiguous(),
+                   "labels": result["y"].contiguous()}, str(path),
+                  metadata={"run_dir": str(args.run_dir), "client": str(args.client),
+                            "sampler": fed.cfg.sample.sampler, "steps": str(fed.cfg.sample.ddim_steps),
+                            "seed": "" if args.seed is None else str(args.seed)})
+        written.append(path)
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
@@ -324,6 +400,16 @@ def cmd_pki(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .export.writer import export_run
+
+    party = int(args.party) if args.party.isdigit() else args.party
+    info = export_run(Path(args.run_dir), Path(args.out), party, args.checkpoint)
+    print(f"wrote {info['out']}/ ({', '.join(info['components'])}; {info['bytes'] / 2**20:.1f} MiB in "
+          f"{info['seconds']:.1f} s); load it with CollaFusePipeline.from_pretrained('{info['out']}')")
+    return 0
+
+
+def cmd_export_client_data(args) -> int:
     from .data.partition import export_client_folders
 
     cfg = load_config(args.config, args.overrides)
@@ -337,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in reports
     try:
-        commands = {"study": cmd_study, "sweep": cmd_sweep, "run": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                    "flower-sim": cmd_flower, "flower-deploy": cmd_flower, "export-client-data": cmd_export,
-                    "flower-pki": cmd_pki, "secrets": cmd_secrets}
+        commands = {"study": cmd_study, "sweep": cmd_sweep, "run": cmd_run, "sample": cmd_sample,
+                    "evaluate": cmd_evaluate, "flower-sim": cmd_flower, "flower-deploy": cmd_flower,
+                    "export-client-data": cmd_export_client_data, "export": cmd_export, "flower-pki": cmd_pki,
+                    "secrets": cmd_secrets}
         return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

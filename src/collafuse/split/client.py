@@ -255,13 +255,15 @@ class Client:
             return denoise(eps_fn, x_cut.to(self.device), steps, sched, gen, bar.update,
                            step_kwargs(sp.sampler, sp.eta))
 
-    def sample(self, n: int, transport: Transport | None, generator: torch.Generator | None = None) -> dict:
+    def sample(self, n: int, transport: Transport | None, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None) -> dict:
         """Generate n images: ask the server for x_cut (one request per batch), then finish locally.
 
         With cut = T the server owns no step, so the client starts from x_T ~ N(0, I) itself and sends nothing.
-        Returns ``{"x0", "x_cut", "y"}`` on the CPU.
+        ``labels`` (int64 [n], optional): the classes to draw, in order; default: the client's own class mix
+        (`sample_labels`). Returns ``{"x0", "x_cut", "y"}`` on the CPU.
         """
-        y_all = self.sample_labels(n)
+        y_all = self.sample_labels(n) if labels is None else labels.long().cpu()
         sp = self.cfg.sample
         server_steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps,
                                                    sp.server_grid_steps).server_steps

@@ -19,6 +19,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import TrainConfig
 
 
+def forward_context(precision: str, device: str | torch.device) -> contextlib.ExitStack:
+    """How a node's forward passes run: bf16 autocast (fp32 weights; matmuls and convolutions in bf16) when
+    ``precision`` is ``"bf16"``, and on the CPU attention through the math kernel. Shared by `Learner` and the
+    exported pipeline (collafuse.export.pipeline), so both compute the same numbers.
+
+    Why the math kernel: the UNet's only attention is its mid-block, over 7x7 = 49 tokens. For so few tokens the
+    CPU flash-attention kernel's backward cost 37 ms of a 240 ms bf16 server step; two batched matmuls and a
+    softmax make the step 1.15x faster (benchmarks/precision_variants.py, results/precision/). On CUDA the
+    default kernel choice stays.
+    """
+    device = torch.device(device)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"))
+    if device.type == "cpu":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
 def resolve_precision(precision: str, device: str | torch.device) -> str:
     """"fp32" or "bf16" for ``train.precision`` on ``device``: "auto" is bf16 only where the hardware has it natively
     (emulated bf16 is slower than fp32)."""
@@ -68,18 +86,8 @@ class Learner:
         self.precision = resolve_precision(cfg.precision, self.device)
 
     def forward_mode(self) -> contextlib.ExitStack:
-        """How the forward passes (training and sampling) run: bf16 autocast (fp32 weights; matmuls and convolutions
-        in bf16) or none, and on the CPU attention through the math kernel.
-
-        Why the math kernel: the UNet's only attention is its mid-block, over 7x7 = 49 tokens. For so few tokens the
-        CPU flash-attention kernel's backward cost 37 ms of a 240 ms bf16 server step; two batched matmuls and a
-        softmax make the step 1.15x faster (benchmarks/precision_variants.py, results/precision/). On CUDA the
-        default kernel choice stays."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"))
-        if self.device.type == "cpu":
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        return stack
+        """How the forward passes (training and sampling) run: `forward_context` for this node's precision."""
+        return forward_context(self.precision, self.device)
 
     # -- randomness: always drawn on the CPU stream, then moved, so every device sees the same numbers ----------------
     def randn(self, shape) -> torch.Tensor:

@@ -319,9 +319,25 @@ class Federation(Orchestrator):
         transport = InProcessTransport([server, *self.clients], self.log, cfg.split.algorithm)
         super().__init__(cfg, server, transport, [c.node_id for c in self.clients], [server, *self.clients])
 
-    def sample(self, client: int, n: int, generator: torch.Generator | None = None) -> dict:
+    def sample(self, client: int, n: int, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None, seed: int | None = None) -> dict:
+        """Client ``client`` draws ``n`` images through the split (`Client.sample`); ``labels``: which classes.
+
+        ``seed``: one CPU generator seeded with it drives both segments, in the order the exported pipeline draws
+        (collafuse.export.pipeline): per batch the server's x_T and its steps, then the client's steps. The images
+        are then a function of the weights, the settings and the seed alone, so ``CollaFusePipeline(...,
+        generator=torch.Generator().manual_seed(seed))`` reproduces them. Without it the server draws from its own
+        stream and the client from ``generator`` (its secret stream by default), as in a deployment.
+        """
         c = self.clients[client]
-        return c.sample(n, self.transport, generator)
+        if seed is None:
+            return c.sample(n, self.transport, generator, labels)
+        shared = torch.Generator().manual_seed(seed)
+        own, self.server.learner.sample_rng = self.server.learner.sample_rng, shared
+        try:
+            return c.sample(n, self.transport, shared, labels)
+        finally:
+            self.server.learner.sample_rng = own
 
     def set_progress(self, show: bool) -> None:
         for role in (self.server, *self.clients):
