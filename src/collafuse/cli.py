@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="torch device, overrides run.device (e.g. cpu, cuda)")
     run.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="TensorBoard event files under OUT/tensorboard (train.tensorboard = true); grids with "
+                          "--set eval.grid_every=N")
     run.add_argument("--client-secrets", metavar="FILE",
                      help="client-side TOML of explicit client secrets (client0 = \"hex\"), for a reproducible run; "
                           "default: each client draws its own from OS entropy (see 'collafuse secrets')")
@@ -182,7 +185,8 @@ def cmd_secrets(args) -> int:
 def cmd_run(args) -> int:
     from .evaluation.experiment import run_experiment
 
-    cfg: Config = load_config(args.config, _with_device(args.overrides, args.device))
+    overrides = _with_device(args.overrides, args.device) + (["train.tensorboard=true"] if args.tensorboard else [])
+    cfg: Config = load_config(args.config, overrides)
     out = Path(args.out)
     try:
         report = run_experiment(cfg, out, args.resume, not args.quiet, "collafuse " + shlex.join(args.argv),

@@ -254,6 +254,9 @@ class TrainConfig(_Section):
     # label dropout, trains the null label for classifier-free guidance
     cond_drop_prob: float = _allowed("a number in [0, 1)", default=0.1, ge=0, lt=1)
     checkpoint_every: _Count = 1  # rounds between checkpoints; an interrupted run loses at most this many
+    # TensorBoard event files under RUN/tensorboard (collafuse.evaluation.telemetry): losses, learning rates, round
+    # time and bytes per round; sample grids every eval.grid_every rounds. Not part of a run's identity.
+    tensorboard: bool = False
     # Rounds whose checkpoints are kept for good (the newest two are always kept): the points of a training curve
     # that `collafuse evaluate --checkpoint round_000025` scores later. Not part of a run's identity.
     keep_rounds: list[Annotated[int, Field(ge=1)]] = _allowed("a list of round numbers >= 1", default_factory=list)
@@ -316,6 +319,9 @@ class EvalConfig(_Section):
     """``collafuse evaluate`` / ``collafuse sweep`` settings. Not part of a run's identity: re-evaluate freely."""
 
     n_samples: _Count = 500  # generated images per client for FID/KID (sampling dominates the cost on a CPU)
+    # with train.tensorboard: a grid of 16 samples per client every this many rounds (0 = none); its time is part of
+    # the round time it reports
+    grid_every: int = _allowed("an integer >= 0 (0 = no grids)", default=0, ge=0)
     # real images per client and split that the samples are compared with (0 = all)
     n_real: int = _allowed("an integer >= 0 (0 = all)", default=2000, ge=0)
     extractor: Literal["classifier", "inception"] = "classifier"  # classifier: trained offline on the train split

@@ -13,6 +13,7 @@ from ..split.runner import Federation
 from ..split.seeding import ClientSecret
 from ..split.transport import MessageLog
 from .report import plot_losses, write_client_images, write_metrics, write_report
+from .telemetry import TrainingTelemetry
 
 
 def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool = True, command: str = "",
@@ -43,7 +44,13 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, progress: bool 
     fed.resume_records()  # what a killed attempt logged past its checkpoint is marked replayed, not counted twice
     write_text_atomic(out / "config.toml", cfg.to_toml())
     fed.set_progress(progress)
-    fed.train(ckpt_dir, progress=progress)
+    telemetry = TrainingTelemetry(fed, out, cfg.eval.grid_every, min(16, cfg.sample.n_per_client)) \
+        if cfg.train.tensorboard else None
+    try:
+        fed.train(ckpt_dir, progress=progress, on_round=telemetry)
+    finally:
+        if telemetry is not None:
+            telemetry.close()
     sample_seconds = {}
     for c in fed.clients:
         t0 = time.perf_counter()
