@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                           "own stream")
     smp.add_argument("--out", required=True,
                      help="a .png (one grid), a .safetensors (uint8 images [N, C, H, W] and labels) or a directory "
-                          "(both, with the hand-offs)")
+                          "(both; with neither --labels nor --seed, the hand-offs' grid and float tensors as before)")
     smp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="sampling overrides, e.g. --set sample.sampler=ddpm --set seeds.sample=7")
     smp.add_argument("--device", help="torch device, overrides run.device")
