@@ -33,7 +33,8 @@ def test_the_seed_sweep_report_is_rebuilt_byte_for_byte(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("name", ["fashion-mnist-seeds-ddpm", "fashion-mnist-clip-1", "fashion-mnist-clip-4",
-                                  "fashion-mnist-scarce", "fashion-mnist-scarce-ddpm"])
+                                  "fashion-mnist-scarce", "fashion-mnist-scarce-ddpm", "fashion-mnist-heterogeneous",
+                                  "emoji"])
 def test_every_study_file_loads(name, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["study", f"studies/{name}.toml", "--list"]) == 0
