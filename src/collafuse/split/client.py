@@ -263,6 +263,8 @@ class Client:
         ``labels`` (int64 [n], optional): the classes to draw, in order; default: the client's own class mix
         (`sample_labels`). Returns ``{"x0", "x_cut", "y"}`` on the CPU.
         """
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"labels has {len(labels)} entries for n = {n} images (allowed: one label per image)")
         y_all = self.sample_labels(n) if labels is None else labels.long().cpu()
         sp = self.cfg.sample
         server_steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps,
