@@ -45,6 +45,7 @@ from ..data.common import DataError
 from ..data.idx import load_fashion_mnist
 from ..data.images import to_model_range
 from ..split.seeding import derive_seed
+from .fidelity import extract_features
 
 ARCH_VERSION = "lenet-s2bn-v1"  # bump whenever LeNet or its training changes: old cache entries then never match
 EXTRACTORS = ("classifier", "inception")
@@ -469,8 +470,6 @@ def cached_features(images: torch.Tensor, extractor: nn.Module, cache_dir: str |
     Returns:
         `torch.Tensor`: float64 [N, num_features] on the CPU, as ``extract_features`` returns.
     """
-    from .fidelity import extract_features  # fidelity imports nothing from here; keep the import one-way at load
-
     identity = getattr(extractor, "identity", "")
     if not identity or identity.endswith(":untracked"):
         return extract_features(images, extractor)
