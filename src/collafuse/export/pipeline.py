@@ -33,9 +33,10 @@ from PIL import Image
 
 from ..config import Config, ConfigError, load_config
 from ..data.images import to_uint8
-from ..split.diffusion import DiffusionSchedule, denoise, step_kwargs, to_step
-from ..split.learner import forward_context, resolve_precision
-from ..split.models import node_labels, predict_eps
+from ..split.diffusion import DiffusionSchedule
+from ..split.learner import resolve_precision
+from ..split.models import node_labels
+from ..split.sampling import client_segment, segment_steps, server_segment
 
 CONFIG_NAME = "collafuse.toml"
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
@@ -151,23 +152,13 @@ class CollaFusePipeline(DiffusionPipeline):
     def _server_to_cut(self, cfg: Config, y: torch.Tensor, client: int, generator: torch.Generator | None
                        ) -> torch.Tensor:
         """What ``Server.sample_to_cut`` computes: x_T ~ N(0, I), then the server's steps down to the client's cut."""
-        sp = cfg.sample
-        cut = cfg.client_cut(client)
-        sched, steps, _ = self.schedule.split_sampler(sp.sampler, cut, sp.ddim_steps, sp.server_grid_steps)
+        sp, cut = cfg.sample, cfg.client_cut(client)
         labels = node_labels(cfg, "server")
         ids = labels.encode(y.to(self.device), client)
         x = torch.randn((len(y), *cfg.image_shape), generator=generator).to(self.device)
-        scale = {i: float(self.schedule.server_eps_scale(to_step(i), cfg.reference_cut)) for i in steps}
-        precision = resolve_precision(cfg.train.precision, self.device)
-
-        def eps_fn(x_t, t_index):
-            with forward_context(precision, self.device):
-                eps = predict_eps(self.server, x_t, t_index, ids, labels.null_id, sp.guidance_scale)
-            return scale[t_index] * eps.float()
-
-        with self.progress_bar(total=len(steps)) as bar:
-            x = denoise(eps_fn, x, steps, sched, generator, bar.update, step_kwargs(sp.sampler, sp.eta))
-        return x.float().cpu()
+        with self.progress_bar(total=segment_steps(self.schedule, sp, cut)[0]) as bar:
+            return server_segment(self.server, self.schedule, sp, cut, cfg.reference_cut, ids, labels.null_id, x,
+                                  generator, resolve_precision(cfg.train.precision, self.device), bar.update)
 
     @torch.no_grad()
     def finish(self, client: int, x_cut: torch.Tensor, class_labels, generator: torch.Generator | None = None,
@@ -180,18 +171,11 @@ class CollaFusePipeline(DiffusionPipeline):
         y = self._labels(client, class_labels, len(x_cut))
         if len(y) != len(x_cut):
             raise ConfigError(f"class_labels has {len(y)} entries for {len(x_cut)} hand-offs (allowed: one each)")
-        sched, _, steps = self.schedule.split_sampler(sp.sampler, ccfg.cut, sp.ddim_steps, sp.server_grid_steps)
         labels = node_labels(ccfg, "client")
         ids = labels.encode(y.to(self.device), client if ccfg.split.algorithm == "fedavg" else 0)
-        precision = resolve_precision(ccfg.train.precision, self.device)
-
-        def eps_fn(x, t_index):
-            with forward_context(precision, self.device):
-                return predict_eps(model, x, t_index, ids, labels.null_id, sp.guidance_scale).float()
-
-        with self.progress_bar(total=len(steps)) as bar:
-            return denoise(eps_fn, x_cut.to(self.device), steps, sched, generator, bar.update,
-                           step_kwargs(sp.sampler, sp.eta)).cpu()
+        with self.progress_bar(total=segment_steps(self.schedule, sp, ccfg.cut)[1]) as bar:
+            return client_segment(model, self.schedule, sp, ccfg.cut, ids, labels.null_id, x_cut.to(self.device),
+                                  generator, resolve_precision(ccfg.train.precision, self.device), bar.update).cpu()
 
     @torch.no_grad()
     def __call__(self, client: int = 0, class_labels=None, num_inference_steps: int | None = None,

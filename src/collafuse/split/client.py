@@ -14,10 +14,11 @@ from ..config import Config
 from ..data.images import as_model_range
 from ..data.partition import ClientData
 from . import fedavg
-from .diffusion import DiffusionSchedule, denoise, step_kwargs, to_index
+from .diffusion import DiffusionSchedule, to_index
 from .learner import Learner
-from .models import node_labels, node_model, node_model_config, predict_eps
+from .models import node_labels, node_model, node_model_config
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_node
+from .sampling import client_segment, segment_steps
 from .seeding import ClientSecret, SecretError
 from .transport import Transport
 from .upload import clip_images
@@ -241,19 +242,14 @@ class Client:
     def finish(self, x_cut: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Client steps t = cut..1 from the hand-off x_cut to x0."""
         sp = self.cfg.sample
-        sched, _, steps = self.schedule.split_sampler(sp.sampler, self.cut, sp.ddim_steps, sp.server_grid_steps)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), self._label_client)
-
-        def eps_fn(x, t_index):
-            with self.learner.forward_mode():
-                return predict_eps(model, x, t_index, ids, self.labels.null_id, sp.guidance_scale).float()
-
-        bar = tqdm(total=len(steps), desc=f"{self.node_id} steps", leave=False, disable=not self.show_progress)
+        bar = tqdm(total=segment_steps(self.schedule, sp, self.cut)[1], desc=f"{self.node_id} steps", leave=False,
+                   disable=not self.show_progress)
         with bar:
             gen = generator or self.learner.sample_rng
-            return denoise(eps_fn, x_cut.to(self.device), steps, sched, gen, bar.update,
-                           step_kwargs(sp.sampler, sp.eta))
+            return client_segment(model, self.schedule, sp, self.cut, ids, self.labels.null_id, x_cut.to(self.device),
+                                  gen, self.learner.precision, bar.update)
 
     def sample(self, n: int, transport: Transport | None, generator: torch.Generator | None = None,
                labels: torch.Tensor | None = None) -> dict:

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from . import fedavg
-from .diffusion import DiffusionSchedule, denoise, step_kwargs, to_index, to_step
+from .diffusion import DiffusionSchedule, to_index
 from .learner import Learner
-from .models import node_labels, node_model, predict_eps
+from .models import node_labels, node_model
 from .protocol import SERVER, ContentLimits, Message, ProtocolError, check_content, client_index
+from .sampling import segment_steps, server_segment
 from .seeding import generator as make_generator
 from .upload_pool import UploadPool, upload_digest
 
@@ -242,23 +243,16 @@ class Server:
         """x_T ~ N(0, I), then server steps t = T..s_i+1 with eps_hat = k_t * eps_S(x_t, t, y); returns x_{s_i} for
         client i at its cut s_i. k_t is that of the reference cut, which the model's output is relative to, whatever
         the client's cut (docs/protocol.md, Heterogeneous cuts); the grid is anchored on the client's cut."""
-        sp = self.cfg.sample
-        sched, steps, _ = self.schedule.split_sampler(sp.sampler, self.cut_of(client), sp.ddim_steps,
-                                                      sp.server_grid_steps)
+        sp, cut = self.cfg.sample, self.cut_of(client)
         model = self.learner.sampling_model(sp.use_ema)
         ids = self.labels.encode(y.to(self.device), client)
         gen = generator or self.learner.sample_rng
         x = torch.randn((len(y), *self.cfg.image_shape), generator=gen).to(self.device)
-        scale = {i: float(self.schedule.server_eps_scale(to_step(i), self.cut)) for i in steps}  # by diffusers index
-
-        def eps_fn(x_t, t_index):
-            with self.learner.forward_mode():
-                eps = predict_eps(model, x_t, t_index, ids, self.labels.null_id, sp.guidance_scale)
-            return scale[t_index] * eps.float()
-
-        bar = tqdm(total=len(steps), desc="server steps", leave=False, disable=not self.show_progress)
+        bar = tqdm(total=segment_steps(self.schedule, sp, cut)[0], desc="server steps", leave=False,
+                   disable=not self.show_progress)
         with bar:
-            return denoise(eps_fn, x, steps, sched, gen, bar.update, step_kwargs(sp.sampler, sp.eta)).float().cpu()
+            return server_segment(model, self.schedule, sp, cut, self.cut, ids, self.labels.null_id, x, gen,
+                                  self.learner.precision, bar.update)
 
     def handle(self, msg: Message) -> Message | None:
         """Act on a client's message. Everything is checked before anything changes, so a refused message
