@@ -8,7 +8,10 @@ The same config (default configs/demo.toml: 3 clients x 5,000 images, 10 server 
 * in-process: ``Federation.train`` (the roles call each other through ``InProcessTransport``);
 * Flower simulation: ``collafuse.flower.launch.simulate`` (own SuperLink in simulation mode, Ray SuperNodes);
 * Flower deployment on loopback: ``deploy_loopback`` (TLS + SuperNode authentication, one SuperNode per client,
-  each with its own exported data folder).
+  each with its own exported data folder), once per ``--deployments`` mode: ``site-overlap`` (the default: each
+  node's long-lived site process, flower/site.py, and the server's steps overlapped with the clients'), ``site``
+  (site processes, the server's steps after the replies) and ``message`` (a fresh ClientApp process per message
+  builds the node, as before site processes).
 
 Seconds per round come from each run itself (the in-process loop's clock; the ServerApp's per-round clock, which
 starts when every client has joined). Round 1 also carries the one-time uploads, so it is reported apart from the
@@ -18,7 +21,7 @@ Every process runs torch with ``--threads`` threads (default 1; OMP_NUM_THREADS 
 the three ways get the same compute per process; Flower's clients can then train at the same time on the two
 cores, which the in-process loop does not do.
 
-    .venv/bin/python benchmarks/flower_overhead.py                  # about 6 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/flower_overhead.py                  # about 20 minutes on 2 CPU cores
     .venv/bin/python benchmarks/flower_overhead.py --rounds 5 --config configs/flower.toml
 
 A measurement, not a test: it prints the numbers and exits 0.
@@ -38,6 +41,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# Loopback deployments: (site process, server steps overlapped with the clients' steps).
+DEPLOYMENTS = {
+    "site-overlap": (True, True),  # the default: long-lived site processes, the server trains while clients do
+    "site": (True, False),  # site processes, the server's steps after the clients' replies (as in process)
+    "message": (False, False),  # before site processes: a fresh ClientApp process builds the node per message
+}
 
 
 def in_process(config: Path, overrides: list[str]) -> list[float]:
@@ -70,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.toml")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--deployments", default="site-overlap,site,message",
+                   type=lambda v: [m for m in v.split(",") if m],
+                   help=f"loopback deployments to run, comma-separated, of {sorted(DEPLOYMENTS)}")
     p.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary directory)")
     a = p.parse_args(argv)
+    if bad := [m for m in a.deployments if m not in DEPLOYMENTS]:
+        p.error(f"--deployments {','.join(bad)} is invalid (allowed: {', '.join(sorted(DEPLOYMENTS))})")
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import torch
 
@@ -91,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     results["flower simulation"] = m["round_seconds_this_session"]
     print(summary("flower simulation", results["flower simulation"], results["in-process"]),
           f"({time.perf_counter() - t:.0f} s wall incl. SuperLink and Ray start)", flush=True)
-    t = time.perf_counter()
-    m = deploy_loopback(a.config, work / "deploy", overrides, samples=0)
-    results["flower deployment"] = m["round_seconds_this_session"]
-    print(summary("flower deployment TLS", results["flower deployment"], results["in-process"]),
-          f"({time.perf_counter() - t:.0f} s wall incl. PKI, SuperLink and SuperNode start)", flush=True)
+    for mode in a.deployments:
+        site, overlap = DEPLOYMENTS[mode]
+        t = time.perf_counter()
+        m = deploy_loopback(a.config, work / f"deploy-{mode}", overrides, samples=0, site_process=site,
+                            overlap=overlap)
+        results[f"deployment {mode}"] = m["round_seconds_this_session"]
+        print(summary(f"deployment {mode}", results[f"deployment {mode}"], results["in-process"]),
+              f"({time.perf_counter() - t:.0f} s wall incl. PKI, SuperLink and SuperNode start)", flush=True)
     for k, v in results.items():
         print(f"  {k} per round: {', '.join(f'{x:.1f}' for x in v)}")
     if a.keep is None:

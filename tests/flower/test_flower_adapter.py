@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from collafuse.config import config_from_dict  # noqa: E402
 from collafuse.data.partition import export_client_folders  # noqa: E402
+from collafuse.flower.client_app import handle_content  # noqa: E402
 from collafuse.flower.codec import decode, encode  # noqa: E402
 from collafuse.flower.task import ClientNode, run_server  # noqa: E402
 from collafuse.split.protocol import SERVER, Message, ProtocolError  # noqa: E402
@@ -47,6 +49,7 @@ class FakeGrid:
         self.down: set[int] = set()
         self.hostile: dict[int, callable] = {}
         self.fail_on = None  # (kind, call number) -> raise, as a server crash would
+        self.through_sites = False
         self.calls: dict[str, int] = {}
         self.replies: dict[str, SimpleNamespace] = {}
 
@@ -68,9 +71,12 @@ class FakeGrid:
             dst = m.metadata.dst_node_id
             if dst in self.down or dst not in self.nodes:
                 continue  # never answers: the transport times out
-            node = ClientNode(cfg, self.nodes[dst], self.run_config["out"])
-            reply = node.handle(m.content)
-            content = RecordDict() if reply is None else encode(reply)
+            if self.through_sites:  # the deployed path: the ClientApp's handler forwards to a site process
+                content = handle_content(m.content, self.run_config, self.nodes[dst], os.getpid())
+            else:
+                node = ClientNode(cfg, self.nodes[dst], self.run_config["out"])
+                reply = node.handle(m.content)
+                content = RecordDict() if reply is None else encode(reply)
             if dst in self.hostile:
                 content = self.hostile[dst](content, kind)
             self.replies[mid] = SimpleNamespace(
@@ -548,3 +554,188 @@ def test_a_bad_local_config_is_one_line(setup, text, match):
     _site_config(setup, 1, text)
     with pytest.raises(ConfigError, match=match):
         ClientNode(setup.cfg, setup.nodes[1001], str(setup.tmp / "server"))
+
+
+# -- site processes (the deployed ClientApp's long-lived half) -------------------------------------------------------
+def _site_nodes(setup, **extra):
+    return {n: {**c, "site-process": True, **extra} for n, c in setup.nodes.items()}
+
+
+def _site_pids(setup) -> dict[int, int]:
+    pids = {}
+    for n, c in setup.nodes.items():
+        for addr in (setup.tmp / f"node{c['client-id']}" / "site").glob("*.addr"):
+            pids[n] = json.loads(addr.read_text())["pid"]
+    return pids
+
+
+def _wait_gone(pid: int, seconds: float = 20.0) -> bool:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(seconds)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def test_rounds_through_site_processes_equal_rounds_in_process_and_survive_a_killed_site(setup):
+    """The deployed path (ClientApp -> site process) gives the in-process server weights bit for bit and the same
+    client images, though each site keeps its node in memory; a site killed with SIGKILL between rounds is replaced
+    by a new one that resumes from the node's last save, and the run still ends identical."""
+    import signal
+
+    from collafuse.flower.site import stop_site
+    from collafuse.split.checkpoint import latest_checkpoint, load_checkpoint
+
+    rc = {**setup.run_config, "set": "train.rounds=3"}
+    grid = FakeGrid(rc, _site_nodes(setup))
+    grid.through_sites = True
+    grid.fail_on = ("train_request", 3)  # the server stops after round 1; the sites keep running
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_server(grid, rc)
+        first = _site_pids(setup)
+        assert len(first) == 2
+        os.kill(first[1001], signal.SIGKILL)  # client 1's site dies; its state is on disk
+        assert _wait_gone(first[1001])
+        grid.fail_on = None
+        m = run_server(grid, rc)
+        after = _site_pids(setup)
+        assert after[1000] == first[1000] and after[1001] != first[1001]  # one site lived on, one was replaced
+    finally:
+        for c in grid.nodes.values():
+            stop_site(rc, c)
+    assert all(_wait_gone(p) for p in _site_pids(setup).values())
+    assert m["resumed"] and m["rounds_done"] == 3 and m["samples_finished"] == {"client0": 3, "client1": 3}
+    flower_w, _ = _server_weights(setup.tmp / "server")
+    cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
+                                        "train": {"rounds": 3}}))
+    fed = Federation(cfg, secrets=fixed_secrets(2))
+    fed.train(progress=False)
+    local_w, _ = fed.server.state()
+    assert all(torch.equal(flower_w[k], local_w[k]) for k in local_w)
+    for i in range(2):  # each client's final model, EMA and Adam state, and the images it kept
+        nodes, _ = load_checkpoint(latest_checkpoint(setup.tmp / f"node{i}" / "checkpoints"))
+        remote, local = nodes[f"client{i}"][0], fed.clients[i].state()[0]
+        keys = [k for k in local if k.startswith(("model.", "ema.", "optim."))]
+        assert keys and all(torch.equal(remote[k], local[k]) for k in keys)
+        kept = load_file(str(setup.tmp / f"node{i}" / "samples" / "batch_0000.safetensors"))
+        assert torch.equal(kept["x0"], fed.clients[i].sample(3, fed.transport)["x0"])
+
+
+def test_a_site_refuses_a_peer_without_its_authkey_and_exits_with_the_process_it_watches(setup):
+    """Only a holder of the node's authkey (0600, in its own state directory) can talk to the site; a wrong key is
+    refused and the site serves on. When the watched process (the SuperNode's superexec) ends, the site ends."""
+    import stat
+    import subprocess
+    import sys
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client as Connect
+
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    nodes = _site_nodes(setup)
+    node = nodes[1000]
+    try:
+        join = encode(Message("join_request", SERVER, "client0"))
+        reply = decode(handle_content(join, setup.run_config, node, watched.pid))
+        assert reply.kind == "join" and reply.sender == "client0"
+        (addr,) = (setup.tmp / "node0" / "site").glob("*.addr")
+        site = json.loads(addr.read_text())
+        key_file = setup.tmp / "node0" / "site" / "authkey"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        with pytest.raises(AuthenticationError):
+            Connect(("127.0.0.1", site["port"]), family="AF_INET", authkey=b"not the key")
+        again = decode(handle_content(join, setup.run_config, node, watched.pid))
+        assert again.kind == "join" and json.loads(addr.read_text())["pid"] == site["pid"]  # same site served
+    finally:
+        watched.kill()
+        watched.wait()
+    assert _wait_gone(site["pid"], 10.0)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("site-process", "maybe", "node config site-process = 'maybe' is invalid \\(allowed: true or false\\)"),
+    ("site-idle-timeout", "-1", "node config site-idle-timeout = '-1' is invalid \\(allowed: a number of seconds"),
+])
+def test_bad_site_settings_are_one_line(setup, key, value, match):
+    node = {**setup.nodes[1000], key: value}
+    if key != "site-process":
+        node["site-process"] = True
+    with pytest.raises(ValueError, match=match):
+        handle_content(encode(Message("join_request", SERVER, "client0")), setup.run_config, node, os.getpid())
+
+
+def test_a_site_that_cannot_load_its_node_says_why_in_one_line(setup):
+    from collafuse.flower.site import SiteError
+
+    node = {**_site_nodes(setup)[1000], "local-config": str(setup.tmp / "missing.toml")}
+    with pytest.raises(SiteError, match="exited with 2 before serving: ConfigError: .*missing.toml"):
+        handle_content(encode(Message("join_request", SERVER, "client0")), setup.run_config, node, os.getpid())
+
+
+class _GatedGrid(FakeGrid):
+    """Replies become visible only once ``gate`` is set: the work passed to ``exchange_while`` sets it."""
+
+    def __init__(self, *a, **k):
+        import threading
+
+        super().__init__(*a, **k)
+        self.gate = threading.Event()
+
+    def pull_messages(self, message_ids):
+        return super().pull_messages(message_ids) if self.gate.is_set() else []
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_servers_steps_run_while_the_clients_answer(setup, overlap):
+    """``exchange_while`` runs the server's work between the push and the collection of the replies: with
+    ``overlap``, replies that can only come once the work has run are collected; without it the work waits for
+    the replies, which then never come in the timeout (so the work ran after the exchange, as in process)."""
+    from collafuse.flower.transport import FlowerTransport
+    from collafuse.split.transport import MessageLog
+
+    grid = _GatedGrid(setup.run_config, setup.nodes)
+    grid.gate.set()  # joins are answered at once
+    transport = FlowerTransport(grid, MessageLog(setup.tmp / "log.jsonl"), 2, reply_timeout=0.5, overlap=overlap)
+    assert transport.wait_for_clients(2, 5) == ["client0", "client1"]
+    grid.gate.clear()
+    order = []
+
+    def work():
+        order.append("work")
+        grid.gate.set()
+        return 42
+
+    deliveries, result = transport.exchange_while(
+        [Message("upload_request", SERVER, f"client{i}", meta={"round": 1}) for i in range(2)], work)
+    assert result == 42 and order == ["work"]
+    if overlap:
+        assert all(d.error is None and d.reply.kind == "upload" for d in deliveries)
+    else:
+        assert all(d.error is not None and "no reply" in d.error for d in deliveries)
+
+
+def test_an_exception_in_the_overlapped_work_reaches_the_server(setup):
+    from collafuse.flower.transport import FlowerTransport
+    from collafuse.split.transport import MessageLog
+
+    transport = FlowerTransport(FakeGrid(setup.run_config, setup.nodes), MessageLog(setup.tmp / "log.jsonl"), 2)
+    transport.wait_for_clients(2, 5)
+
+    def work():
+        raise RuntimeError("server step failed")
+
+    with pytest.raises(RuntimeError, match="server step failed"):
+        transport.exchange_while([Message("upload_request", SERVER, "client0", meta={"round": 1})], work)
+
+
+def test_a_bad_overlap_setting_is_one_line(setup):
+    from collafuse.config import ConfigError
+
+    rc = {**setup.run_config, "overlap-server-steps": "sometimes"}
+    with pytest.raises(ConfigError, match="run config overlap-server-steps = 'sometimes' is invalid "
+                                          "\\(allowed: true or false\\)"):
+        run_server(FakeGrid(rc, setup.nodes), rc)

@@ -136,6 +136,17 @@ def test_deployment_tls_auth_drop_rejoin_and_server_crash(tmp_path, idx_dataset)
     # Teardown stopped every process this test started, and their helpers.
     assert not any(Path(f"/proc/{p}").exists() and _alive(p) for p in started)
     assert not list((work / "pids").glob("*.pid"))
+    # Each deployed node served its messages from a long-lived site process (flower/site.py), which ended with
+    # its SuperNode: client1's first site when its SuperNode stopped, every site at teardown.
+    sites = [json.loads(p.read_text())["pid"] for p in work.glob("site*/state/site/*.addr")]
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in sites) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sites and not any(_alive(p) for p in sites)
+    for name in ("site0", "site1"):
+        logs = [p.read_text() for p in (work / name / "state" / "site").glob("*.log")]
+        assert logs and all("serving client" in t for t in logs)
+        assert all("exiting: watched process ended" in t for t in logs)
 
 
 def _alive(pid: int) -> bool:

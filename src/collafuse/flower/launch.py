@@ -203,12 +203,13 @@ def write_connection(home: Path, name: str, address: str, root_cert: Path | None
 
 
 def run_config_arg(config: Path, out: Path, overrides: Sequence[str], samples: int | None, reply_timeout: float,
-                   join_timeout: float) -> str:
+                   join_timeout: float, overlap: bool = True) -> str:
     items = {"config": str(Path(config).resolve()), "out": str(Path(out).resolve()), "set": ";".join(overrides),
              "reply-timeout": float(reply_timeout), "join-timeout": float(join_timeout)}
     if samples is not None:
         items["samples"] = int(samples)
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items())
+    return " ".join([*(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items()),
+                     f"overlap-server-steps={'true' if overlap else 'false'}"])  # a TOML bool, as in pyproject
 
 
 def start_flwr_run(procs: Processes, connection: str, run_config: str,
@@ -288,11 +289,13 @@ class Deployment:
     pki: dict
     node_dirs: dict[str, Path]
     node_ports: dict[str, int] = field(default_factory=dict)
+    site_process: bool = True  # each SuperNode's messages go to its long-lived site process (flower/site.py)
 
     def start_supernode(self, name: str, client_id: int, key: str | None = None) -> subprocess.Popen:
         port = self.node_ports.setdefault(name, free_port())
         node_config = (f"client-id={client_id} data-dir={json.dumps(str(self.node_dirs[name] / 'data'))} "
-                       f"state-dir={json.dumps(str(self.node_dirs[name] / 'state'))}")
+                       f"state-dir={json.dumps(str(self.node_dirs[name] / 'state'))} "
+                       f"site-process={'true' if self.site_process else 'false'}")
         return self.procs.start(name, [
             _bin("flower-supernode"), "--root-certificates", str(self.pki["ca"]),
             "--superlink", f"127.0.0.1:{self.port}",
@@ -308,8 +311,9 @@ class Deployment:
 
 
 def start_deployment(procs: Processes, config: Path, overrides: Sequence[str], nodes: int,
-                     extra_keys: Sequence[str] = ()) -> Deployment:
-    """PKI, per-client data folders, a TLS + auth SuperLink, registered keys and ``nodes`` SuperNodes."""
+                     extra_keys: Sequence[str] = (), site_process: bool = True) -> Deployment:
+    """PKI, per-client data folders, a TLS + auth SuperLink, registered keys and ``nodes`` SuperNodes
+    (``site_process=False``: each message handled in Flower's fresh ClientApp process, as before site processes)."""
     from ..data.partition import export_client_folders
     from .pki import make_loopback_pki
 
@@ -333,7 +337,7 @@ def start_deployment(procs: Processes, config: Path, overrides: Sequence[str], n
         "--host", "127.0.0.1", "--port", str(port), "--database", str(work / "superlink.db")])
     wait_for_port(port, link, "superlink", procs)
     write_connection(work / "flwr_home", "collafuse-tls", f"127.0.0.1:{port}", pki["ca"])
-    dep = Deployment(procs, port, pki, node_dirs)
+    dep = Deployment(procs, port, pki, node_dirs, site_process=site_process)
     for i, name in enumerate(names):
         dep.register(name)
         dep.start_supernode(name, i)
@@ -341,13 +345,15 @@ def start_deployment(procs: Processes, config: Path, overrides: Sequence[str], n
 
 
 def deploy_loopback(config: Path, out: Path, overrides: Sequence[str] = (), samples: int | None = None,
-                    timeout: float = 1800.0, reply_timeout: float = 300.0) -> dict:
+                    timeout: float = 1800.0, reply_timeout: float = 300.0, site_process: bool = True,
+                    overlap: bool = True) -> dict:
     """The whole loopback deployment: bring up, train and sample, tear down (only what was started here)."""
     cfg = load_config(Path(config), list(overrides))
     out = Path(out).resolve()
     with launched(out / "flower-deploy") as procs:
-        start_deployment(procs, config, overrides, cfg.data.num_clients)
+        start_deployment(procs, config, overrides, cfg.data.num_clients, site_process=site_process)
         started = time.time()
-        rc = run_config_arg(config, out / "server", overrides, samples, reply_timeout, join_timeout=300)
+        rc = run_config_arg(config, out / "server", overrides, samples, reply_timeout, join_timeout=300,
+                            overlap=overlap)
         flwr_run(procs, "collafuse-tls", rc, None, timeout)
         return check_finished(out / "server", started, cfg.train.rounds, procs)

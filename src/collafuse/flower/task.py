@@ -6,7 +6,10 @@ Run config (``flwr run ... --run-config``, or ``[tool.flwr.app.config]`` in flow
 - ``config``: path of the CollaFuse TOML (absolute, or relative to the process's working directory);
 - ``set``: ``;``-separated overrides, as ``--set`` takes them (``"train.rounds=2;split.cut=300"``);
 - ``out``: the server's run directory (checkpoints, message log, metrics); in simulation also the default parent
-  of the clients' state directories.
+  of the clients' state directories;
+- ``overlap-server-steps`` (default true): the server takes its steps of a round while the clients take theirs
+  (they read nothing of each other's, so the weights are the same bit for bit); false takes them after the
+  clients' replies, as the in-process loop does.
 
 Node config (``flower-supernode --node-config``; in simulation Flower sets ``partition-id``):
 
@@ -191,7 +194,8 @@ def run_server(grid, run_config) -> dict:
     server = Server(cfg, state_dir=out / "server")  # its stored upload pool lives there (split.upload_pool)
     transport = FlowerTransport(grid, MessageLog(out / "message_log.jsonl"), cfg.data.num_clients,
                                 reply_timeout=float(run_config.get("reply-timeout", 600)),
-                                algorithm=cfg.split.algorithm)
+                                algorithm=cfg.split.algorithm,
+                                overlap=_flag(run_config, "overlap-server-steps", True))
     orch = Orchestrator(cfg, server, transport, [client_node(i) for i in range(cfg.data.num_clients)], [server])
     resumed = orch.restore(out / "checkpoints")
     orch.resume_records()  # records past the checkpoint (a killed ServerApp's last round) are marked replayed
@@ -231,6 +235,15 @@ def run_server(grid, run_config) -> dict:
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False))
     return metrics
+
+
+def _flag(run_config, key: str, default: bool) -> bool:
+    v = run_config.get(key, default)
+    if isinstance(v, bool):
+        return v
+    if str(v).strip().lower() in ("true", "false"):
+        return str(v).strip().lower() == "true"
+    raise ConfigError(f"run config {key} = {v!r} is invalid (allowed: true or false)")
 
 
 def _say(line: str) -> None:

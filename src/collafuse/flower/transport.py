@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
+from collections.abc import Callable
 
 from flwr.app import Message as FlowerMessage
 from flwr.app import RecordDict
@@ -33,7 +35,7 @@ from ..split.protocol import (
     client_index,
     show,
 )
-from ..split.transport import Delivery, MessageLog, Transport
+from ..split.transport import Delivery, MessageLog, T, Transport
 from .codec import MESSAGE_TYPE, decode, encode
 
 logger = logging.getLogger("collafuse.flower")
@@ -47,11 +49,14 @@ class FlowerTransport(Transport):
         reply_timeout (`float`, defaults to 600): seconds to wait for the replies of one exchange.
         poll_interval (`float`, defaults to 0.05): seconds between pulls while replies are outstanding.
         algorithm (`str`, defaults to ``"collafuse"``): the run's ``split.algorithm``: which kinds may cross.
+        overlap (`bool`, defaults to True): run ``exchange_while``'s work (the server's steps) while the clients
+            take theirs; False runs it after the replies are in, as the in-process loop does (same results).
     """
 
     def __init__(self, grid, log: MessageLog, num_clients: int, reply_timeout: float = 600.0,
-                 poll_interval: float = 0.05, algorithm: str = "collafuse"):
+                 poll_interval: float = 0.05, algorithm: str = "collafuse", overlap: bool = True):
         super().__init__(log, algorithm)
+        self.overlap = overlap
         self.poll_interval = poll_interval
         self.grid = grid
         self.num_clients = num_clients
@@ -73,7 +78,7 @@ class FlowerTransport(Transport):
         request = Message("join_request", SERVER, ANY_CLIENT)
         check_message(request, self.algorithm)
         out = [FlowerMessage(encode(request), dst_node_id=n, message_type=MESSAGE_TYPE) for n in new]
-        got = self._send_and_collect(out)
+        got = self._send_and_collect(out, lambda: None)
         for node, mid in zip(new, got["ids"], strict=False):
             r = got["replies"].get(mid)
             if r is None:
@@ -115,23 +120,58 @@ class FlowerTransport(Transport):
             time.sleep(poll)
 
     # -- requests --------------------------------------------------------------------------------------------------
-    def _send_and_collect(self, out: list[FlowerMessage]) -> dict[str, FlowerMessage]:
-        """Push ``out``, then pull until every reply is in or ``reply_timeout`` passes; replies by message id.
+    def _send_and_collect(self, out: list[FlowerMessage], work: Callable[[], T | None]) -> dict:
+        """Push ``out``; run ``work`` in a second thread while this one pulls until every reply is in or
+        ``reply_timeout`` passes. Returns the replies by message id, each reply's seconds since the push, and what
+        ``work`` returned (an exception in it is raised here, after the replies are in).
 
         Replies are matched by ``reply_to_message_id``: when a node dies, Flower's error reply comes from the
         SuperLink (node id 1), not from the node."""
-        ids = [i for i in self.grid.push_messages(out) if i]
-        waiting, replies = set(ids), {}
-        end = time.monotonic() + self.reply_timeout
-        while waiting and time.monotonic() < end:
+        ids = [i for i in self.grid.push_messages(out) if i] if out else []
+        pushed = time.monotonic()
+        done: dict = {}
+
+        def run() -> None:
+            try:
+                done["value"] = work()
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread below)
+                done["error"] = e
+
+        # torch releases the GIL in its kernels, so the server's steps and the pulls share the process fairly;
+        # a daemon thread, so that Ctrl-C in this thread ends the ServerApp (its last checkpoint stays the truth).
+        worker = threading.Thread(target=run, name="collafuse-overlapped-work", daemon=True)
+        worker.start()
+        waiting, replies, seconds = set(ids), {}, {}
+
+        def pull() -> None:
             for r in self.grid.pull_messages(list(waiting)):
                 replies[r.metadata.reply_to_message_id] = r
+                seconds[r.metadata.reply_to_message_id] = time.monotonic() - pushed
                 waiting.discard(r.metadata.reply_to_message_id)
+
+        while waiting and time.monotonic() < pushed + self.reply_timeout:
+            pull()
             if waiting:
                 time.sleep(self.poll_interval)
-        return {"ids": ids, "replies": replies}
+        worker.join()
+        if waiting:  # the work outlasted the timeout: what came in meanwhile is still a reply in time
+            pull()
+        if "error" in done:
+            raise done["error"]
+        return {"ids": ids, "replies": replies, "seconds": seconds, "work": done.get("value")}
 
     def exchange(self, msgs: list[Message]) -> list[Delivery]:
+        return self._exchange(msgs, lambda: None)[0]
+
+    def exchange_while(self, msgs: list[Message], work: Callable[[], T]) -> tuple[list[Delivery], T]:
+        """Push ``msgs`` and, with ``overlap``, run ``work`` while the nodes answer (``_send_and_collect``);
+        without it, run ``work`` once the replies are in."""
+        if self.overlap:
+            return self._exchange(msgs, work)
+        return self.exchange(msgs), work()
+
+    def _exchange(self, msgs: list[Message], work: Callable[[], T]) -> tuple[list[Delivery], T]:
+        """Each delivery's seconds run from the push to its reply."""
         self.discover()
         results: dict[int, Delivery] = {}
         sent: list[tuple[int, str]] = []  # (index in msgs, client id), in push order
@@ -147,16 +187,16 @@ class FlowerTransport(Transport):
             sent.append((i, msg.receiver))
             out.append(FlowerMessage(encode(msg), dst_node_id=node, message_type=MESSAGE_TYPE))
         t0 = time.perf_counter()
-        got = self._send_and_collect(out) if out else {"ids": [], "replies": {}}
+        got = self._send_and_collect(out, work)
         seconds = time.perf_counter() - t0
         for (i, client), mid in zip(sent, got["ids"], strict=False):
             r = got["replies"].get(mid)
-            results[i] = (self._receive(msgs[i], client, r, seconds) if r is not None else
+            results[i] = (self._receive(msgs[i], client, r, got["seconds"][mid]) if r is not None else
                           Delivery(msgs[i], error=f"unavailable: no reply from {client} within "
                                                   f"{self.reply_timeout:g} s", seconds=seconds))
         for i, client in sent[len(got["ids"]):]:
             results[i] = Delivery(msgs[i], error=f"unavailable: {client} could not be reached", seconds=seconds)
-        return [results[i] for i in range(len(msgs))]
+        return [results[i] for i in range(len(msgs))], got["work"]
 
     def _receive(self, request: Message, client: str, r: FlowerMessage, seconds: float) -> Delivery:
         if r.has_error():

@@ -163,13 +163,20 @@ class Orchestrator:
                 self.drop(c, f"round {round_}")  # does not become right by asking again: the client leaves
         if not self.client_ids:
             raise RuntimeError(f"round {round_}: every client was dropped ({'; '.join(self.events[-3:])})")
-        replies = self._to_server(self._timed(self.transport.exchange(
+
+        def server_steps() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            return server.train(cfg.train.server_steps), time.perf_counter() - t0
+
+        # The server's steps read only its own model and the uploads, never this round's replies, so a transport
+        # whose clients run elsewhere takes them while the clients take theirs (same result, bit for bit).
+        deliveries, (server_loss, server_s) = self.transport.exchange_while(
             [Message("train_request", SERVER, c, meta={"round": round_, "steps": self.client_steps(c)})
-             for c in self.client_ids])), f"round {round_}")
+             for c in self.client_ids], server_steps)
+        replies = self._to_server(self._timed(deliveries), f"round {round_}")
         losses = self._record_client_losses(replies)
-        t0 = time.perf_counter()
-        losses[SERVER] = server.train(cfg.train.server_steps)
-        self.history.add(SERVER, losses[SERVER], time.perf_counter() - t0)
+        losses[SERVER] = server_loss
+        self.history.add(SERVER, server_loss, server_s)
         self.history.rounds_done = round_
         return losses
 

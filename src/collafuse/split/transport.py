@@ -18,13 +18,16 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .checkpoint import write_text_atomic
 from .protocol import ANY_CLIENT, SERVER, Message, ProtocolError, bounded_reason, check_message, show
 from .upload_pool import upload_digest
+
+T = TypeVar("T")
 
 logger = logging.getLogger("collafuse.transport")
 
@@ -271,6 +274,13 @@ class Transport(ABC):
 
     @abstractmethod
     def exchange(self, msgs: list[Message]) -> list[Delivery]: ...
+
+    def exchange_while(self, msgs: list[Message], work: Callable[[], T]) -> tuple[list[Delivery], T]:
+        """``exchange(msgs)`` and ``work()``, whose result does not depend on the replies (the server's own training
+        steps while the clients take theirs). Here one after the other, as the in-process loop always ran them; a
+        transport whose receivers run in other processes does ``work`` while they answer."""
+        deliveries = self.exchange(msgs)
+        return deliveries, work()
 
     def request(self, msg: Message) -> Message | None:
         """One request; raises ``NodeUnavailable`` or ``ProtocolError`` where ``exchange`` would report an error."""
