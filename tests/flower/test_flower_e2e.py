@@ -147,6 +147,9 @@ def test_deployment_tls_auth_drop_rejoin_and_server_crash(tmp_path, idx_dataset)
         logs = [p.read_text() for p in (work / name / "state" / "site").glob("*.log")]
         assert logs and all("serving client" in t for t in logs)
         assert all("exiting: watched process ended" in t for t in logs)
+        # One site per SuperNode life and run config, however many messages it served: site0 lived through both
+        # runs (two run configs), site1 was stopped and started again during the first.
+        assert sum(t.count("serving client") for t in logs) == {"site0": 2, "site1": 3}[name]
 
 
 def _alive(pid: int) -> bool:
