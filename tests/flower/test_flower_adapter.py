@@ -113,6 +113,15 @@ def _server_weights(out_dir):
     return nodes[SERVER][0], state
 
 
+def _straight_run(setup, rounds: int) -> Federation:
+    """The in-process reference: the same tiny config and secrets, ``rounds`` rounds, never interrupted."""
+    cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
+                                        "train": {"rounds": rounds}}))
+    fed = Federation(cfg, secrets=fixed_secrets(2))
+    fed.train(progress=False)
+    return fed
+
+
 # -- codec -----------------------------------------------------------------------------------------------------------
 def test_codec_round_trip_is_bit_exact():
     msg = Message("upload", "client1", SERVER, {"x_cut": torch.randn(5, 1, 28, 28), "y": torch.arange(5)},
@@ -244,11 +253,7 @@ def test_a_server_crash_resumes_from_the_last_round_and_ends_identical(setup):
     m = run_server(grid, rc)
     assert m["resumed"] and m["rounds_done"] == 3
     crashed, _ = _server_weights(setup.tmp / "server")
-    cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
-                                        "train": {"rounds": 3}}))
-    fed = Federation(cfg, secrets=fixed_secrets(2))
-    fed.train(progress=False)
-    straight, _ = fed.server.state()
+    straight, _ = _straight_run(setup, 3).server.state()
     assert all(torch.equal(crashed[k], straight[k]) for k in straight)
 
 
@@ -611,10 +616,7 @@ def test_rounds_through_site_processes_equal_rounds_in_process_and_survive_a_kil
     assert all(_wait_gone(p) for p in _site_pids(setup).values())
     assert m["resumed"] and m["rounds_done"] == 3 and m["samples_finished"] == {"client0": 3, "client1": 3}
     flower_w, _ = _server_weights(setup.tmp / "server")
-    cfg = config_from_dict(merge(TINY, {"data": {"root": setup.cfg.data.root, "num_clients": 2},
-                                        "train": {"rounds": 3}}))
-    fed = Federation(cfg, secrets=fixed_secrets(2))
-    fed.train(progress=False)
+    fed = _straight_run(setup, 3)
     local_w, _ = fed.server.state()
     assert all(torch.equal(flower_w[k], local_w[k]) for k in local_w)
     for i in range(2):  # each client's final model, EMA and Adam state, and the images it kept

@@ -128,6 +128,8 @@ def _authkey(directory: Path) -> bytes:
     return path.read_bytes()
 
 
+# The two writers below restate split.checkpoint.write_text_atomic on purpose: that module imports torch, and the
+# ClientApp's forwarder must not (its whole point is a start-up without torch).
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data))

@@ -78,7 +78,7 @@ class FlowerTransport(Transport):
         request = Message("join_request", SERVER, ANY_CLIENT)
         check_message(request, self.algorithm)
         out = [FlowerMessage(encode(request), dst_node_id=n, message_type=MESSAGE_TYPE) for n in new]
-        got = self._send_and_collect(out, lambda: None)
+        got = self._send_and_collect(out)
         for node, mid in zip(new, got["ids"], strict=False):
             r = got["replies"].get(mid)
             if r is None:
@@ -120,8 +120,8 @@ class FlowerTransport(Transport):
             time.sleep(poll)
 
     # -- requests --------------------------------------------------------------------------------------------------
-    def _send_and_collect(self, out: list[FlowerMessage], work: Callable[[], T | None]) -> dict:
-        """Push ``out``; run ``work`` in a second thread while this one pulls until every reply is in or
+    def _send_and_collect(self, out: list[FlowerMessage], work: Callable[[], T] | None = None) -> dict:
+        """Push ``out``; run ``work`` (if any) in a second thread while this one pulls until every reply is in or
         ``reply_timeout`` passes. Returns the replies by message id, each reply's seconds since the push, and what
         ``work`` returned (an exception in it is raised here, after the replies are in).
 
@@ -140,7 +140,8 @@ class FlowerTransport(Transport):
         # torch releases the GIL in its kernels, so the server's steps and the pulls share the process fairly;
         # a daemon thread, so that Ctrl-C in this thread ends the ServerApp (its last checkpoint stays the truth).
         worker = threading.Thread(target=run, name="collafuse-overlapped-work", daemon=True)
-        worker.start()
+        if work is not None:
+            worker.start()
         waiting, replies, seconds = set(ids), {}, {}
 
         def pull() -> None:
@@ -153,7 +154,8 @@ class FlowerTransport(Transport):
             pull()
             if waiting:
                 time.sleep(self.poll_interval)
-        worker.join()
+        if work is not None:
+            worker.join()
         if waiting:  # the work outlasted the timeout: what came in meanwhile is still a reply in time
             pull()
         if "error" in done:
@@ -161,7 +163,7 @@ class FlowerTransport(Transport):
         return {"ids": ids, "replies": replies, "seconds": seconds, "work": done.get("value")}
 
     def exchange(self, msgs: list[Message]) -> list[Delivery]:
-        return self._exchange(msgs, lambda: None)[0]
+        return self._exchange(msgs, None)[0]
 
     def exchange_while(self, msgs: list[Message], work: Callable[[], T]) -> tuple[list[Delivery], T]:
         """Push ``msgs`` and, with ``overlap``, run ``work`` while the nodes answer (``_send_and_collect``);
@@ -170,7 +172,7 @@ class FlowerTransport(Transport):
             return self._exchange(msgs, work)
         return self.exchange(msgs), work()
 
-    def _exchange(self, msgs: list[Message], work: Callable[[], T]) -> tuple[list[Delivery], T]:
+    def _exchange(self, msgs: list[Message], work: Callable[[], T] | None) -> tuple[list[Delivery], T | None]:
         """Each delivery's seconds run from the push to its reply."""
         self.discover()
         results: dict[int, Delivery] = {}
