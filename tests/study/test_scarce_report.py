@@ -78,3 +78,20 @@ def test_the_users_answer():
     one = _summary({"cut_0200": 20.0, "cut_1000": 40.0}, {"cut_1000": {"cut_0200": "gain"}})
     assert recommend(one, "n", "client0")["advice"] == ("not resolved (best mean: cut_0200; alone (large model) "
                                                         "not measured)")
+
+
+def test_curve_rows_list_each_runs_checkpoints_in_round_order():
+    from collafuse.study.scarce_report import curve_rows
+
+    def pt(rounds, flops, fid, val, copy):
+        return {"rounds": rounds, "flops": flops, "fid_test": fid, "fid_val": val, "copy_share": copy}
+
+    run = {"key": "n/seed_1/cut_0200", "curve": {
+        "client0": [pt(25, 1e12, 80.0, 81.0, 0.0), pt(100, 4e12, 50.0, 52.0, 0.25)],
+        "client1": [pt(25, 1e12, 70.0, 71.0, 0.0), pt(100, 4e12, 60.0, 61.0, 0.5)]}}
+    before_milestones = {"key": "n/seed_0/cut_1000", "curve": {"client0": [pt(100, 2e12, 40.0, None, None)],
+                                                               "client1": [pt(100, 2e12, 45.0, None, None)]}}
+    rows = curve_rows({"cut_0200": {1: run}, "cut_1000": {0: before_milestones}})
+    assert [(r["config"], r["seed"], r["rounds"]) for r in rows] == [("cut_0200", 1, 25), ("cut_0200", 1, 100)]
+    assert rows[1]["fid_test"] == [50.0, 60.0] and rows[1]["fid_val"] == [52.0, 61.0]
+    assert rows[1]["copy_share"] == [0.25, 0.5] and rows[1]["flops"] == 4e12 and rows[1]["key"] == run["key"]

@@ -204,6 +204,26 @@ def recommend(summary: dict, setting: str, client: str) -> dict:
     return out
 
 
+def curve_rows(configs: dict) -> list[dict]:
+    """The training curves of one setting's runs, a row per run and evaluated checkpoint in round order:
+    ``{"config", "seed", "key", "rounds", "flops", "fid_test", "fid_val", "copy_share"}``, the last three a list
+    over the clients (sorted by name). ``configs`` is one setting of `load_runs`. Runs with one point only (made
+    before the milestones) give no rows: they have no curve."""
+    rows = []
+    for config, seeds in sorted(configs.items()):
+        for seed, run in sorted(seeds.items()):
+            clients = sorted(run["curve"])
+            by_round = [run["curve"][c] for c in clients]  # the same evaluation files for every client
+            if not by_round or len(by_round[0]) < 2:
+                continue
+            for i, first in enumerate(by_round[0]):
+                pts = [pts_c[i] for pts_c in by_round]
+                rows.append({"config": config, "seed": seed, "key": run["key"], "rounds": first["rounds"],
+                             "flops": first["flops"], **{m: [p[m] for p in pts]
+                                                          for m in ("fid_test", "fid_val", "copy_share")}})
+    return rows
+
+
 def _label(key: str) -> str:
     """A run's link text: its seed folder (``seed_0``), else its key."""
     return next((part for part in key.split("/") if part.startswith("seed_")), key)
@@ -344,6 +364,15 @@ def write_scarce_report(study) -> Path:
                     lines.append(f"| {config} | {c} | " + " | ".join(
                         f"{_cell(e[h])} ({e[h]['verdict']})" for h in ("final", "equal_compute", "best"))
                         + f" | {_cell(e['copy_share_gap'], 2)} ({e['copy_share_gap']['verdict']}) |")
+        rows = curve_rows(s)
+        if rows:
+            fmt = lambda xs, d: " / ".join("-" if x is None else f"{x:.{d}g}" for x in xs)  # noqa: E731
+            lines += ["", "Training curves, run by run (each evaluated checkpoint; FID per client, in client order):",
+                      "", "| config | seed | round | training FLOPs | FID held-out | FID validation | copy share |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['config']} | [{r['seed']}]({r['key']}/) | {r['rounds']} | "
+                      f"{'-' if r['flops'] is None else format(r['flops'], '.3g')} | {fmt(r['fid_test'], 3)} | "
+                      f"{fmt(r['fid_val'], 3)} | {fmt(r['copy_share'], 2)} |" for r in rows]
         lines.append("")
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
