@@ -87,3 +87,21 @@ def test_report_from_a_study_file(tmp_path):
     for png in ("fidelity_compute.png", "fidelity_epsilon.png"):
         assert (tmp_path / "res" / png).stat().st_size > 1000 and f"![]({png})" in report
     assert not math.isnan(row["epsilon"]["mean"])
+
+
+def test_report_with_one_seed_finished(tmp_path):
+    """A study part-way through: one seed of the federation, so every interval is a bare mean (no bounds)."""
+    (tmp_path / "base.toml").write_text("")
+    study = {"study": {"name": "het", "config": "base.toml", "results": "res", "seeds": [0, 1],
+                       "path": "seed_{seed}/{federation}", "report": "heterogeneous"},
+             "axes": {"federation": {"mixed": ["clients=[{cut = 50}, {}, {cut = 500}]"]}},
+             "grid": [{"federation": ["mixed"]}], "evaluation": [{"output": "evaluation.json"}]}
+    file = tmp_path / "het.toml"
+    file.write_text(tomli_w.dumps(study))
+    run = tmp_path / "res" / "seed_0" / "mixed"
+    run.mkdir(parents=True)
+    (run / "evaluation.json").write_text(json.dumps(_evaluation({"client0": 8.0}, {"client0": 50})))
+    assert main(["study", str(file), "--report-only", "--root", str(tmp_path)]) == 0
+    report = (tmp_path / "res" / "report.md").read_text()
+    # 2,000,000 uploaded bytes -> 2.00 MB, the FID 8.0 without an interval
+    assert "| client0 | 50 | 10 | 8.0 | 50 | 3 | 100 | 0.500 | 2.00 | - |" in report

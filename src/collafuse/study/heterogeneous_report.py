@@ -156,7 +156,8 @@ def write_heterogeneous_report(study) -> Path:
             d = row.get("fid_minus_reference")
             diff = "-" if d is None else f"{_cell(d, '{:+.1f}')} ({d['verdict']})"
             mb = row["uploaded_bytes"]
-            mb = {**mb, **{k: mb[k] / 1e6 for k in ("mean", "low", "high") if k in mb}} if mb.get("n") else mb
+            # in MB; with one seed there are no bounds to scale
+            mb = {**mb, **{k: mb[k] / 1e6 for k in ("mean", "low", "high") if mb.get(k) is not None}}
             lines.append(f"| {c} | {row['cut']} | {row['params']:,} | {_cell(row['fid_test'])} | "
                          f"{_cell(row['client_sample_flops_per_image'], '{:.3g}')} | "
                          f"{_cell(row['client_train_flops_per_round'], '{:.3g}')} | "

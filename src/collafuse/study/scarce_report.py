@@ -368,7 +368,8 @@ def write_scarce_report(study) -> Path:
         if rows:
             fmt = lambda xs, d: " / ".join("-" if x is None else f"{x:.{d}g}" for x in xs)  # noqa: E731
             lines += ["", "Training curves, run by run (each evaluated checkpoint; FID per client, in client order):",
-                      "", "| config | seed | round | training FLOPs | FID held-out | FID validation | copy share |",
+                      "",
+                      "| config | seed | round | training FLOPs | FID held-out | FID validation | copy share |",
                       "|---|---|---|---|---|---|---|"]
             lines += [f"| {r['config']} | [{r['seed']}]({r['key']}/) | {r['rounds']} | "
                       f"{'-' if r['flops'] is None else format(r['flops'], '.3g')} | {fmt(r['fid_test'], 3)} | "
