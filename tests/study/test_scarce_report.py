@@ -95,3 +95,24 @@ def test_curve_rows_list_each_runs_checkpoints_in_round_order():
     assert [(r["config"], r["seed"], r["rounds"]) for r in rows] == [("cut_0200", 1, 25), ("cut_0200", 1, 100)]
     assert rows[1]["fid_test"] == [50.0, 60.0] and rows[1]["fid_val"] == [52.0, 61.0]
     assert rows[1]["copy_share"] == [0.25, 0.5] and rows[1]["flops"] == 4e12 and rows[1]["key"] == run["key"]
+
+
+def test_the_n_axis_leaves_out_a_setting_that_only_trains_longer(tmp_path):
+    import tomli_w
+
+    from collafuse.study.scarce_report import n_axis
+    from collafuse.study.spec import load_study
+
+    (tmp_path / "base.toml").write_text("")
+    spec = {"study": {"name": "s", "config": "base.toml", "results": "res", "seeds": [0], "set": ["train.rounds=4"],
+                      "path": "{size}/seed_{seed}/{config}", "report": "scarce"},
+            "axes": {"size": {"n10": ["data.max_train_per_client=10"], "n20": ["data.max_train_per_client=20"],
+                              "n10_long": ["data.max_train_per_client=10", "train.rounds=8"],
+                              "uneven": ["data.max_train_per_client=[10, 20, 30]"]},
+                     "config": {"cut": ["split.cut=200"]}},
+            "grid": [{"size": ["n10", "n20", "n10_long", "uneven"], "config": ["cut"]}],
+            "evaluation": [{"output": "evaluation.json"}]}
+    (tmp_path / "s.toml").write_text(tomli_w.dumps(spec))
+    study = load_study(tmp_path / "s.toml", root=tmp_path)
+    # the study-wide train.rounds=4 does not count; n10_long's own train.rounds=8 does; a list of sizes is no n
+    assert n_axis(study, ["n10", "n20", "n10_long", "uneven"]) == {"n10": 10, "n20": 20}

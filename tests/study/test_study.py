@@ -94,7 +94,13 @@ def test_a_tiny_study_runs_resumes_and_skips_what_is_committed(sweep_toml, tmp_p
     assert joined["seeds"] == [0, 1] and joined["runs"] == ["n0010/seed_0/cut_0006", "n0010/seed_1/cut_0006"]
     assert joined["fid_test"] == metrics["settings"]["n0010"]["configs"]["cut_0006"]["client0"]["fid_test"]
     report = (results / "report.md").read_text()
-    assert "## n0010" in report and "## again" in report and "fid_vs_n_client0.png" in report and (results / "fid_vs_flops.png").is_file()
+    assert "## n0010" in report and "## again" in report and "fid_vs_n_client0.png" in report
+    assert (results / "fid_vs_flops.png").is_file()
+    # "again" names this study's own runs: no run of another study is counted beside them
+    assert "5 of the study file's 5 runs finished; seeds [0, 1]" in report
+    # each run's curve: its milestone (round 1) and its last round (2), linked to the run
+    assert "| cut_0006 | [0](n0010/seed_0/cut_0006/) | 1 |" in report
+    assert "| cut_0006 | [0](n0010/seed_0/cut_0006/) | 2 |" in report
     # everything committed is skipped: nothing trains or evaluates again, even from an empty work folder
     monkeypatch.setattr(runner, "train_and_evaluate", lambda *a, **k: pytest.fail("ran a finished run again"))
     assert main(["study", str(file), "--quiet"]) == 0
@@ -133,6 +139,14 @@ def test_bad_study_files_are_one_line_errors(sweep_toml, tmp_path, capsys, chang
     assert main(["study", str(file), "--list"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_a_missing_required_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[study]\nname = 'x'\nconfig = 'base.toml'\nseeds = [0]\n")
+    assert main(["study", str(bad), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "study.results is missing (a required key of [study])" in err and err.count("\n") == 1
 
 
 def test_an_unknown_section_and_a_missing_file(tmp_path, capsys):

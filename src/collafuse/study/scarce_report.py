@@ -235,18 +235,27 @@ def _cell(iv: dict, digits: int = 3) -> str:
     return f"{iv['mean']:.{digits}g}" + ("" if iv["half_width"] is None else f" ± {iv['half_width']:.2g}")
 
 
+def n_axis(study, settings) -> dict[str, int]:
+    """The settings that are points of the FID-against-n plots, with their per-client size n: those with one
+    uniform size, except a setting that also changes ``train.rounds`` (item 3's longer training of one n is the
+    same n trained longer, not a new point)."""
+    sizes = {}
+    for setting in settings:
+        job = next((j for j in study.jobs if setting in j.variants.values()), None)
+        n = _size_of(job.overrides) if job else None
+        own = job.overrides[len(study.spec.study.set):] if job else []  # the setting's and its block's overrides
+        if n and not any(re.match(r"\s*train\.rounds\s*=", o) for o in own):
+            sizes[setting] = n
+    return sizes
+
+
 def _plots(study, runs: dict, summary: dict) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = {}
-    for setting in runs:
-        job = next((j for j in study.jobs if setting in j.variants.values()), None)
-        n = _size_of(job.overrides) if job else None
-        if n:
-            sizes[setting] = n
+    sizes = n_axis(study, runs)
     paths = []
     clients = sorted({c for s in summary.values() for cfg in s["configs"].values() for c in cfg})
     configs = sorted({cfg for s in summary.values() for cfg in s["configs"]})
@@ -318,9 +327,12 @@ def write_scarce_report(study) -> Path:
              {c for e in summary[setting]["configs"].values() for c in e})} for setting in summary}},
         indent=1, allow_nan=False))
     plots = _plots(study, runs, summary) if runs else []
+    keys = {r["key"] for s in runs.values() for seeds_ in s.values() for r in seeds_.values()}
+    total, own = len(keys), len(keys & {job.key for job in study.jobs})
     lines = [f"# Study {study.name}", "", f"    collafuse study {study.file} --report-only", "",
-             f"{sum(len(seeds_) for s in runs.values() for seeds_ in s.values())} finished runs of "
-             f"{len(study.jobs)} in the study file; seeds {seeds}. FID is against each client's held-out images "
+             f"{own} of the study file's {len(study.jobs)} runs finished"
+             + (f", beside {total - own} runs of other studies (`report_extra`)" if total > own else "")
+             + f"; seeds {seeds}. FID is against each client's held-out images "
              "(classifier features); mean ± 95% half-interval (Student t) over seeds.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     answers = {setting: {c: recommend(summary, setting, c) for c in sorted(

@@ -160,6 +160,8 @@ def _one_line(error: ValidationError, file: Path) -> ConfigError:
     if e["type"] == "extra_forbidden":
         return ConfigError(f"{file}: unknown key '{where}' (allowed keys of [{e['loc'][0]}]: "
                            f"{', '.join(_ALLOWED.get(str(e['loc'][0]), []))})")
+    if e["type"] == "missing":  # the input is then the whole enclosing table: name the key, not the table
+        return ConfigError(f"{file}: {where} is missing (a required key of [{e['loc'][0]}])")
     return ConfigError(f"{file}: {where} = {e.get('input')!r} is invalid ({e['msg']})")
 
 
