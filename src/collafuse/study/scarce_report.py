@@ -212,14 +212,12 @@ def curve_rows(configs: dict) -> list[dict]:
     rows = []
     for config, seeds in sorted(configs.items()):
         for seed, run in sorted(seeds.items()):
-            clients = sorted(run["curve"])
-            by_round = [run["curve"][c] for c in clients]  # the same evaluation files for every client
-            if not by_round or len(by_round[0]) < 2:
+            curves = [run["curve"][c] for c in sorted(run["curve"])]  # the same evaluation files for every client
+            if not curves or len(curves[0]) < 2:
                 continue
-            for i, first in enumerate(by_round[0]):
-                pts = [pts_c[i] for pts_c in by_round]
-                rows.append({"config": config, "seed": seed, "key": run["key"], "rounds": first["rounds"],
-                             "flops": first["flops"], **{m: [p[m] for p in pts]
+            for pts in zip(*curves):  # one checkpoint, every client
+                rows.append({"config": config, "seed": seed, "key": run["key"], "rounds": pts[0]["rounds"],
+                             "flops": pts[0]["flops"], **{m: [p[m] for p in pts]
                                                           for m in ("fid_test", "fid_val", "copy_share")}})
     return rows
 
@@ -318,13 +316,14 @@ def write_scarce_report(study) -> Path:
     runs = load_runs(study)
     summary = summarise(runs)
     seeds = sorted({k for s in runs.values() for cfg in s.values() for k in cfg})
+    answers = {setting: {c: recommend(summary, setting, c) for c in sorted(
+        {c for e in summary[setting]["configs"].values() for c in e})} for setting in summary}
     write_text_atomic(out / "metrics.json", json.dumps(
         {"study": study.name, "seeds": seeds, "sizes": {s: _size_of(next((j.overrides for j in study.jobs
                                                                           if s in j.variants.values()), []))
                                                           for s in runs},
          "settings": summary,
-         "answers": {setting: {c: recommend(summary, setting, c) for c in sorted(
-             {c for e in summary[setting]["configs"].values() for c in e})} for setting in summary}},
+         "answers": answers},
         indent=1, allow_nan=False))
     plots = _plots(study, runs, summary) if runs else []
     keys = {r["key"] for s in runs.values() for seeds_ in s.values() for r in seeds_.values()}
@@ -335,8 +334,6 @@ def write_scarce_report(study) -> Path:
              + f"; seeds {seeds}. FID is against each client's held-out images "
              "(classifier features); mean ± 95% half-interval (Student t) over seeds.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    answers = {setting: {c: recommend(summary, setting, c) for c in sorted(
-        {c for e in summary[setting]["configs"].values() for c in e})} for setting in runs}
     lines += ["## The user's answer", "",
               "Per data setting and client: the configuration with the lowest mean held-out FID at the last "
               "checkpoint; \"join\" only where its paired difference against both alone settings is a resolved gain "
