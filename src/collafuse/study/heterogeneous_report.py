@@ -12,6 +12,10 @@ seeds (Student-t 95% intervals, `seed_summary.interval`):
 - the paired difference FID(federation) - FID(reference), seed by seed, against the first ``report_extra`` entry
   (the homogeneous federation at cut 200), classified gain / loss / not resolved.
 
+Where a run was also scored with DDPM (issue 29, item 5: the fast sampler near each client's cut), the sampler
+check: per client, the FID of every evaluation with as many samples beside DDPM's, their ratio against the bar
+(within 10% of DDPM), and the network evaluations per image that each sampler puts on the server and on the client.
+
 Writes ``metrics.json``, ``report.md``, ``fidelity_compute.png`` and ``fidelity_epsilon.png`` (one marker per
 client and federation, interval bars on FID).
 """
@@ -64,6 +68,52 @@ def load_runs(study) -> dict:
         if final.is_file():
             ev = json.loads(final.read_text())
             out.setdefault(label, {})[seed] = {c: client_point(ev, c) for c in sorted(ev["fidelity"]["per_client"])}
+    return out
+
+
+def _sampling_steps(ev: dict, client: str) -> tuple[int, int]:
+    """Network evaluations per generated image on the server and on the client: the client's own grid where the
+    run has per-client sections, the run-wide one otherwise."""
+    per = ((ev.get("compute") or {}).get("per_client") or {}).get(client)
+    steps = per["sampling_per_image"] if per is not None else ev["compute"]["flops"]["sampling_per_image"]
+    return steps["server"]["steps"], steps["client"]["steps"]
+
+
+def sampler_check(study, tolerance: float = 0.10) -> dict:
+    """run key -> the sampler check of that run, for every run with a DDPM evaluation (``sampler_grid.sampler`` is
+    "ddpm"): each other evaluation of the same checkpoint and sample count, per client its FID against held-out
+    images, its server and client steps per image, and FID / FID(DDPM), which meets the bar at <= 1 + tolerance
+    (a sampler better than DDPM meets it too). Runs without a DDPM evaluation are left out."""
+    out: dict = {}
+    for job in study.jobs:
+        evs = {}
+        for spec in job.evaluations:
+            path = study.results / job.key / spec.output
+            if path.is_file():
+                evs[spec.output] = json.loads(path.read_text())
+        for ref_name, ref in evs.items():
+            if (ref.get("sampler_grid") or {}).get("sampler") != "ddpm":
+                continue
+            same = [name for name, ev in evs.items()
+                    if ev.get("n_samples_per_client") == ref.get("n_samples_per_client")
+                    and ev.get("checkpoint") == ref.get("checkpoint")]
+            same.sort(key=lambda name: name != ref_name)  # DDPM first
+            clients = {}
+            for c in sorted(ref["fidelity"]["per_client"]):
+                ref_fid = client_point(ref, c)["fid_test"]
+                rows = {}
+                for name in same:
+                    fid = client_point(evs[name], c)["fid_test"]
+                    server_steps, client_steps = _sampling_steps(evs[name], c)
+                    ratio = fid / ref_fid if fid is not None and ref_fid else None
+                    rows[name] = {"sampler": evs[name]["sampler_grid"]["sampler"], "fid_test": fid,
+                                  "server_steps_per_image": server_steps, "client_steps_per_image": client_steps,
+                                  "fid_over_ddpm": ratio,
+                                  "within_bar": None if ratio is None else ratio <= 1 + tolerance}
+                clients[c] = {"cut": client_point(ref, c)["cut"], "evaluations": rows}
+            out[job.key] = {"reference": ref_name, "n_samples_per_client": ref.get("n_samples_per_client"),
+                            "checkpoint": ref.get("checkpoint"), "tolerance": tolerance, "clients": clients}
+            break  # one DDPM reference per run
     return out
 
 
@@ -140,7 +190,9 @@ def write_heterogeneous_report(study) -> Path:
     summary = summarise(runs, reference)
     study.results.mkdir(parents=True, exist_ok=True)
     plots = _plots(study, summary) if summary else []
-    metrics = {"study": study.name, "seeds": study.spec.study.seeds, "reference": reference, "federations": summary}
+    check = sampler_check(study)
+    metrics = {"study": study.name, "seeds": study.spec.study.seeds, "reference": reference, "federations": summary,
+               "sampler_check": check}
     write_text_atomic(study.results / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False))
     lines = [f"# {study.name}: every client at its own cut and model", "",
              f"Made by `collafuse study {study.file} --report-only` from the evaluations in this folder"
@@ -163,6 +215,23 @@ def write_heterogeneous_report(study) -> Path:
                          f"{_cell(row['client_train_flops_per_round'], '{:.3g}')} | "
                          f"{_cell(row['epsilon'], '{:.3g}')} | "
                          f"{_cell(row['linkage_top1'], '{:.3f}')} | {_cell(mb, '{:.2f}')} | {diff} |")
+        lines.append("")
+    for key, run in check.items():
+        tol = f"{run['tolerance']:.0%}"
+        lines += [f"## Sampler check: {key}", "",
+                  f"{run['n_samples_per_client']:,} samples per client at {run['checkpoint']}, each evaluation against "
+                  f"{run['reference']} (DDPM); the bar is FID within {tol} of DDPM's. Network evaluations per image "
+                  "are the sampler's steps on each side of the client's cut.", "",
+                  "| client | cut | evaluation | sampler | server steps per image | client steps per image | "
+                  f"FID held-out | FID / DDPM | within {tol} |", "|---|---|---|---|---|---|---|---|---|"]
+        for c, row in run["clients"].items():
+            for name, e in row["evaluations"].items():
+                fid = "-" if e["fid_test"] is None else f"{e['fid_test']:.1f}"
+                ratio = "-" if e["fid_over_ddpm"] is None else f"{e['fid_over_ddpm']:.3f}"
+                bar = ("-" if e["within_bar"] is None or name == run["reference"]
+                       else "yes" if e["within_bar"] else "no")
+                lines.append(f"| {c} | {row['cut']} | {name} | {e['sampler']} | {e['server_steps_per_image']} | "
+                             f"{e['client_steps_per_image']} | {fid} | {ratio} | {bar} |")
         lines.append("")
     lines += [f"![]({p.name})" for p in plots]
     path = study.results / "report.md"
