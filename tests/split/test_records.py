@@ -195,3 +195,25 @@ def test_replayed_and_resent_records_leave_the_totals(tmp_path):
     reread = MessageLog(tmp_path / "log.jsonl")
     assert [r.get("replayed", False) for r in reread.records] == [False, True, False, False]
     assert [r.get("resent", False) for r in reread.records] == [False, False, True, False]
+
+
+def test_each_start_that_trains_is_a_labelled_segment(runs):
+    """metrics.json says what trained which rounds: the straight run one segment from round 1; the run killed in
+    round 5 (last checkpoint: round 4) a second from round 5; the run killed while sampling none more (its resume
+    trained nothing); the run killed before any checkpoint started over, so one. Each names this machine."""
+    import os
+
+    def segments(name):
+        return json.loads((runs[name] / "metrics.json").read_text())["training_segments"]
+
+    assert [s["from_round"] for s in segments("straight")] == [1]
+    assert [s["from_round"] for s in segments("mid_round")] == [1, 5]
+    assert [s["from_round"] for s in segments("sampling")] == [1]
+    assert [s["from_round"] for s in segments("uploads")] == [1]
+    seg = segments("mid_round")[1]
+    assert (seg["device"], seg["precision"], seg["gpu"], seg["torch"]) == ("cpu", "fp32", None, torch.__version__)
+    assert seg["logical_cpus"] == os.cpu_count() and seg["cpu"] and seg["torch_threads"] >= 1
+    cpuinfo = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert ("avx512f" in seg["cpu_flags"]) == ("avx512f" in cpuinfo)  # the VM may name only "AMD EPYC"
+    report = (runs["mid_round"] / "report.md").read_text()
+    assert "- trained from round 1 on `cpu`, CPU" in report and "- trained from round 5 on `cpu`" in report

@@ -80,11 +80,21 @@ def write_metrics(fed: Federation, out: Path, sample_seconds: dict[str, float]) 
         "final_loss": final,
         "train_seconds": h["seconds"],
         "train_seconds_total": sum(h["seconds"].values()),
+        # what trained which rounds (a resumed run has a segment per start): device, precision, CPU, threads
+        "training_segments": h["segments"],
         "sample_seconds": sample_seconds,
         "message_log": fed.log.summary(),
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
+
+
+def _machine(seg: dict) -> str:
+    """One training segment's machine in words: device (GPU name), CPU, threads, precision."""
+    where = f"`{seg['device']}`" + (f" ({seg['gpu']})" if seg.get("gpu") else "")
+    flags = ", ".join(seg.get("cpu_flags") or []) or "none of avx2/avx512f/amx"
+    return (f"{where}, CPU {seg['cpu']} ({seg['logical_cpus']} logical; {flags}), {seg['torch_threads']} torch "
+            f"threads, {seg['precision']}")
 
 
 def _mb(n: int) -> str:
@@ -113,6 +123,7 @@ def write_report(fed: Federation, out: Path, metrics: dict, command: str) -> Pat
         f"- sampling: {cfg.sample.sampler}"
         + (f" ({cfg.sample.ddim_steps} steps, grid anchored on the cut)" if cfg.sample.sampler != "ddpm" else "")
         + f", guidance scale {cfg.sample.guidance_scale}, EMA weights: {cfg.sample.use_ema}",
+        *[f"- trained from round {seg['from_round']} on {_machine(seg)}" for seg in metrics["training_segments"]],
         "",
         "## Images",
         "",

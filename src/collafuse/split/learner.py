@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,40 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return "bf16" if native else "fp32"
     return "fp32"
+
+
+def machine_record(precision: str, device: str | torch.device) -> dict:
+    """What a stretch of training ran on, for the run's records (``History.segments``, metrics.json): timings and
+    the precision "auto" resolves to depend on it, so results can be labelled with the machine that made them.
+
+    Args:
+        precision (`str`): ``train.precision`` as configured ("fp32", "bf16" or "auto").
+        device (`str` or `torch.device`): where the nodes of this process run.
+
+    Returns:
+        `dict`: JSON-able: ``device``, ``precision`` (as resolved here), ``cpu`` (the model name the OS reports),
+        ``cpu_flags`` (which of the vector extensions that set the speed it has: a virtual machine may report only
+        "AMD EPYC", with or without AVX-512), ``logical_cpus``, ``torch_threads``, ``native_bf16`` (avx512_bf16 or
+        AMX on a CPU), ``gpu`` (the CUDA device's name, else None) and ``torch`` (its version). No host name: a
+        site's records name no machine of its network.
+    """
+    dev = torch.device(device)
+    model, flags = None, set()
+    try:  # the first core's lines (every core reports the same)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: the model name from platform, no flags
+        pass
+    return {"device": str(dev), "precision": resolve_precision(precision, dev),
+            "cpu": model or platform.processor() or platform.machine(),
+            "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags],
+            "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "torch": torch.__version__}
 
 
 class Learner:

@@ -31,6 +31,7 @@ from ..config import Config, ConfigError, load_config
 from ..data.partition import ClientData, load_client_datasets
 from .checkpoint import CheckpointError, load_checkpoint, named_checkpoint, save_checkpoint
 from .client import Client
+from .learner import machine_record
 from .protocol import SERVER, Message, bounded_reason, client_index
 from .seeding import ClientSecret, SecretError
 from .server import Server
@@ -41,22 +42,27 @@ logger = logging.getLogger("collafuse.runner")
 
 @dataclass
 class History:
-    """Per-round mean losses of every node and per-node wall time, kept in checkpoints for exact resume."""
+    """Per-round mean losses of every node and per-node wall time, kept in checkpoints for exact resume; and the
+    run's training segments: each start or resume that trained rounds, from which round, on what machine
+    (`learner.machine_record`), so that timings and the precision "auto" chose stay labelled across resumes."""
 
     losses: dict[str, list[float | None]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     rounds_done: int = 0
+    segments: list[dict] = field(default_factory=list)
 
     def add(self, node: str, loss: float, seconds: float) -> None:
         self.losses.setdefault(node, []).append(None if math.isnan(loss) else loss)
         self.seconds[node] = self.seconds.get(node, 0.0) + seconds
 
     def to_dict(self) -> dict:
-        return {"losses": self.losses, "seconds": self.seconds, "rounds_done": self.rounds_done}
+        return {"losses": self.losses, "seconds": self.seconds, "rounds_done": self.rounds_done,
+                "segments": self.segments}
 
     @classmethod
     def from_dict(cls, d: dict) -> History:
-        return cls(d["losses"], d["seconds"], d["rounds_done"])
+        # checkpoints written before segments were recorded have none
+        return cls(d["losses"], d["seconds"], d["rounds_done"], d.get("segments", []))
 
 
 class Orchestrator:
@@ -281,6 +287,9 @@ class Orchestrator:
         """Run rounds from the last completed one up to ``cfg.train.rounds``, checkpointing as configured."""
         tr = self.cfg.train
         start = self.history.rounds_done
+        if start < tr.rounds:
+            self.history.segments.append({"from_round": start + 1,
+                                          **machine_record(tr.precision, self.cfg.run.device)})
         bar = tqdm(range(start + 1, tr.rounds + 1), initial=start, total=tr.rounds, desc="rounds",
                    disable=not progress, dynamic_ncols=True)
         for round_ in bar:

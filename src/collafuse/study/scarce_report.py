@@ -143,7 +143,9 @@ def summarise(runs: dict) -> dict:
                 c: {m: interval([seeds[k]["final"][c][m] for k in seeds]) for m in
                     ("fid_test", "fid_train", "fid_val", "copy_share", "nn_ratio")} | {
                     "seeds": sorted(seeds), "runs": [seeds[k]["key"] for k in sorted(seeds)],
-                    "seconds_per_round": interval([seeds[k]["seconds_per_round"] for k in seeds])}
+                    # seed by seed, not an interval: wall time is the machine's (and whatever shared it), not a
+                    # quantity that varies over seeds (the results README says which machine made which run)
+                    "seconds_per_round": [seeds[k]["seconds_per_round"] for k in sorted(seeds)]}
                 for c in clients}
         for alone in ALONE:
             if alone not in configs:
@@ -357,13 +359,14 @@ def write_scarce_report(study) -> Path:
                   " seed made on different machines drew different client secrets: their differences are paired"
                   " by seed number, not by draws.", ""] if setting in study.spec.study.report_extra else [])
         lines += [f"## {setting}", "", *extra, "| config | client | seeds | FID held-out | FID train | copy share | "
-                  "NN ratio | s / round | runs |", "|---|---|---|---|---|---|---|---|---|"]
+                  "NN ratio | s / round, by seed | runs |", "|---|---|---|---|---|---|---|---|---|"]
         for config, per_client in sorted(summ["configs"].items()):
             for c, e in per_client.items():
                 links = ", ".join(f"[{_label(k)}]({k}/)" for k in e["runs"])
                 lines.append(f"| {config} | {c} | {len(e['seeds'])} | {_cell(e['fid_test'])} | "
                              f"{_cell(e['fid_train'])} | {_cell(e['copy_share'], 2)} | {_cell(e['nn_ratio'], 2)} | "
-                             f"{_cell(e['seconds_per_round'])} | {links} |")
+                             f"{' / '.join('-' if v is None else f'{v:.3g}' for v in e['seconds_per_round'])} | "
+                             f"{links} |")
         for alone, versus in summ["versus_alone"].items():
             lines += ["", f"Paired FID(config) - FID({ALONE[alone]}), by seed; verdict from the 95% interval:", "",
                       "| config | client | final | equal compute | best point (validation) | copy-share gap |",
