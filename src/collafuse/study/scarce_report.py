@@ -254,6 +254,7 @@ def _plots(study, runs: dict, summary: dict) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     sizes = n_axis(study, runs)
     paths = []
@@ -303,6 +304,10 @@ def _plots(study, runs: dict, summary: dict) -> list[Path]:
                         ax.plot(*zip(*pts), marker="o", label=config if k == min(seeds) else None,
                                 color=f"C{configs.index(config) % 10}", alpha=0.8)
             ax.set(xscale="log", xlabel="total training FLOPs", ylabel="FID vs held-out", title=f"{c}, {smallest}")
+            # about one decade: label 1, 2 and 5 x 10^k only (the default labels every minor tick, overlapping)
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.0e}".replace("e+", "e")))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         path = study.results / "fid_vs_flops.png"
