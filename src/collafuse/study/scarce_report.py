@@ -373,7 +373,10 @@ def write_scarce_report(study) -> Path:
                              f"{' / '.join('-' if v is None else f'{v:.3g}' for v in e['seconds_per_round'])} | "
                              f"{links} |")
         for alone, versus in summ["versus_alone"].items():
-            lines += ["", f"Paired FID(config) - FID({ALONE[alone]}), by seed; verdict from the 95% interval:", "",
+            lines += ["", f"Paired FID(config) - FID({ALONE[alone]}), by seed; verdict from the 95% interval. "
+                      "Equal compute interpolates both curves at the smaller of their last budgets; \"-\" there "
+                      "means the curves share no budget (one run's first scored point costs more than the other's "
+                      "whole run):", "",
                       "| config | client | final | equal compute | best point (validation) | copy-share gap |",
                       "|---|---|---|---|---|---|"]
             for config, per_client in sorted(versus.items()):
