@@ -100,17 +100,18 @@ def sampler_check(study, tolerance: float = 0.10) -> dict:
             same.sort(key=lambda name: name != ref_name)  # DDPM first
             clients = {}
             for c in sorted(ref["fidelity"]["per_client"]):
-                ref_fid = client_point(ref, c)["fid_test"]
+                points = {name: client_point(evs[name], c) for name in same}  # the DDPM one among them
+                ref_fid = points[ref_name]["fid_test"]
                 rows = {}
                 for name in same:
-                    fid = client_point(evs[name], c)["fid_test"]
+                    fid = points[name]["fid_test"]
                     server_steps, client_steps = _sampling_steps(evs[name], c)
                     ratio = fid / ref_fid if fid is not None and ref_fid else None
                     rows[name] = {"sampler": evs[name]["sampler_grid"]["sampler"], "fid_test": fid,
                                   "server_steps_per_image": server_steps, "client_steps_per_image": client_steps,
                                   "fid_over_ddpm": ratio,
                                   "within_bar": None if ratio is None else ratio <= 1 + tolerance}
-                clients[c] = {"cut": client_point(ref, c)["cut"], "evaluations": rows}
+                clients[c] = {"cut": points[ref_name]["cut"], "evaluations": rows}
             out[job.key] = {"reference": ref_name, "n_samples_per_client": ref.get("n_samples_per_client"),
                             "checkpoint": ref.get("checkpoint"), "tolerance": tolerance, "clients": clients}
             break  # one DDPM reference per run
